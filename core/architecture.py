@@ -1,0 +1,41 @@
+"""The :class:`Architecture` plugin object: one ``model_type``, its config class and its model class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import PretrainedConfig
+from .hookspecs import hookimpl
+
+
+class Architecture:
+    """Implements config parsing and class resolution for one ``model_type``.
+
+    An architecture distribution exposes one of these as its
+    ``lmport.architectures`` entry point (``llama = "lmport_llama:plugin"``), or
+    passes it to :func:`lmport.register`. Its hooks are ``trylast``, so any
+    capability plugin implementing the same hook takes precedence.
+
+    Args:
+        model_type: the ``model_type`` value of ``config.json`` this serves.
+        config_class: a :class:`~lmport.config.PretrainedConfig` subclass.
+        model_class: the model class (its ``weight_map`` attribute is the default map).
+    """
+
+    def __init__(self, model_type: str, config_class: type[PretrainedConfig], model_class: type) -> None:
+        self.model_type = model_type
+        self.config_class = config_class
+        self.model_class = model_class
+
+    def __repr__(self) -> str:
+        return f"Architecture({self.model_type!r}, {self.config_class.__name__}, {self.model_class.__name__})"
+
+    @hookimpl(trylast=True)
+    def lmport_parse_config(self, raw: dict[str, Any], model_type: str) -> PretrainedConfig | None:
+        if model_type != self.model_type:
+            return None
+        return self.config_class.from_dict(raw)
+
+    @hookimpl(trylast=True)
+    def lmport_resolve_model_class(self, config: PretrainedConfig) -> type | None:
+        return self.model_class if isinstance(config, self.config_class) else None

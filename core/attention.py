@@ -1,0 +1,72 @@
+"""The attention-kernel contract: what a kernel receives and returns, and the mask it honours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see, described rather than materialised.
+
+    Attributes:
+        q_len: number of query positions.
+        kv_len: number of key positions (``>= q_len``; the last ``q_len`` keys
+            are the queries' own positions).
+        padding: ``(batch, kv_len)`` with 1 for real tokens and 0 for padding,
+            or ``None`` when every position is real.
+    """
+
+    q_len: int
+    kv_len: int
+    padding: torch.Tensor | None = None
+
+    @property
+    def is_plain_causal(self) -> bool:
+        """True when the mask is exactly "causal, nothing padded"."""
+        return self.padding is None
+
+    def to_bool(self, device: torch.device) -> torch.Tensor:
+        """``(batch or 1, 1, q_len, kv_len)`` boolean mask, True where attention is allowed."""
+        offset = self.kv_len - self.q_len
+        q = torch.arange(self.q_len, device=device)[:, None] + offset
+        k = torch.arange(self.kv_len, device=device)[None, :]
+        allowed = (k <= q)[None, None]
+        if self.padding is not None:
+            allowed = allowed & self.padding.to(device=device, dtype=torch.bool)[:, None, None, :]
+        return allowed
+
+
+@runtime_checkable
+class AttentionKernel(Protocol):
+    """An attention implementation selected through ``select_attention``.
+
+    Called with ``query`` ``(batch, heads, q_len, head_dim)`` and ``key``/``value``
+    ``(batch, kv_heads, kv_len, head_dim)``; returns ``(batch, q_len, heads, head_dim)``.
+    ``num_kv_groups`` is ``heads // kv_heads`` (grouped-query attention).
+    """
+
+    name: str
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        mask: AttentionMask,
+        scaling: float,
+        dropout: float,
+        num_kv_groups: int,
+    ) -> torch.Tensor: ...
+
+
+def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Expand ``(b, kv_heads, s, d)`` to ``(b, kv_heads * n_rep, s, d)``."""
+    if n_rep == 1:
+        return hidden
+    b, h, s, d = hidden.shape
+    return hidden[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)

@@ -1,0 +1,93 @@
+"""``AutoModelForCausalLM`` and ``AutoConfig``: the drop-in entry points."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import PretrainedConfig
+from .errors import ArgumentError, PluginError
+from .options import SourceOptions
+from .registry import get_registry
+
+
+class AutoConfig:
+    """Parse a checkpoint's ``config.json`` with the plugin that provides its ``model_type``."""
+
+    def __init__(self) -> None:
+        raise TypeError("use AutoConfig.from_pretrained(...)")
+
+    @staticmethod
+    def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> PretrainedConfig:
+        """The typed config of a checkpoint; keyword arguments naming fields override them.
+
+        Accepts the source arguments of ``from_pretrained`` (``revision``, ``cache_dir``,
+        ``token``, ``local_files_only``, ``subfolder``), ``trust_remote_code`` and ``plugin``.
+        """
+        from .loading import load_config, resolve_folder
+
+        source_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "force_download", "proxies")
+        source = {k: kwargs.pop(k) for k in source_keys if k in kwargs}
+        if "cache_dir" in source and source["cache_dir"] is not None:
+            source["cache_dir"] = os.fspath(source["cache_dir"])
+        folder = resolve_folder(name_or_path, SourceOptions(**source))
+        trust = kwargs.pop("trust_remote_code", None)
+        plugin = kwargs.pop("plugin", None)
+        config = load_config(folder, plugin=plugin, trust_remote_code=trust)
+        unknown = sorted(k for k in kwargs if not config.has_field(k))
+        if unknown:
+            raise ArgumentError(f"AutoConfig.from_pretrained got unknown arguments {unknown}")
+        if kwargs:
+            config.update(kwargs)
+        return config
+
+
+class AutoModelForCausalLM:
+    """Load any causal LM an installed plugin provides."""
+
+    def __init__(self) -> None:
+        raise TypeError("use AutoModelForCausalLM.from_pretrained(...) or .from_config(...)")
+
+    @staticmethod
+    def from_pretrained(pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any, **kwargs: Any) -> Any:
+        """Load a pretrained causal LM, as ``transformers.AutoModelForCausalLM.from_pretrained`` does.
+
+        Args:
+            pretrained_model_name_or_path: a checkpoint folder (``config.json`` plus
+                safetensors or ``pytorch_model.bin`` weights, single or sharded).
+            dtype: ``torch.dtype``, its name, or ``"auto"`` (default: the checkpoint's
+                own dtype). ``torch_dtype`` is accepted as an alias.
+            device_map: ``None``, ``"cpu"``, ``"cuda:0"``, an index or a ``torch.device``.
+            attn_implementation: ``"sdpa"``, ``"eager"`` or any installed kernel's name;
+                ``None`` picks the best available for the device and dtype.
+            output_loading_info: also return ``{"missing_keys", "unexpected_keys",
+                "mismatched_keys", "error_msgs"}``.
+            ignore_mismatched_sizes: initialise afresh tensors whose checkpoint shape differs.
+            trust_remote_code: never runs repository code (warned about when set).
+            variant, use_safetensors: which weight files to read.
+            revision, cache_dir, token, local_files_only, subfolder: where the files are.
+            plugin: the distribution to use when several provide the ``model_type``.
+            **config_overrides: config fields to override (``rms_norm_eps=1e-5``).
+
+        Returns:
+            The model in eval mode (and the loading info when asked).
+
+        Raises:
+            lmport.LmportError: a subclass naming the file, key or plugin at fault.
+        """
+        if model_args:
+            raise ArgumentError("positional model arguments are not supported; pass keyword arguments")
+        from .loading import from_pretrained
+
+        return from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @staticmethod
+    def from_config(config: PretrainedConfig, **kwargs: Any) -> Any:
+        """A freshly initialised model for ``config`` (``dtype``, ``device``, ``attn_implementation``, ``seed``)."""
+        model_class = get_registry().hook.lmport_resolve_model_class(config=config)
+        if model_class is None:
+            get_registry().architecture(config.model_type)
+            model_class = get_registry().hook.lmport_resolve_model_class(config=config)
+        if model_class is None:
+            raise PluginError(f"no plugin resolves a model class for {type(config).__name__}")
+        return model_class.from_config(config, **kwargs)

@@ -1,0 +1,100 @@
+"""The lmport error hierarchy: every error lmport raises derives from :class:`LmportError`."""
+
+from __future__ import annotations
+
+
+class LmportError(Exception):
+    """Base class of every error raised by lmport."""
+
+
+# --- plugins ---------------------------------------------------------------
+
+
+class PluginError(LmportError):
+    """A plugin is broken, missing or ambiguous."""
+
+
+class PluginImportError(PluginError):
+    """An installed plugin failed to import; names its distribution and the cause."""
+
+    def __init__(self, distribution: str, entry_point: str, cause: BaseException) -> None:
+        self.distribution = distribution
+        self.entry_point = entry_point
+        self.cause = cause
+        super().__init__(
+            f"plugin {entry_point!r} from distribution {distribution!r} failed to import: "
+            f"{type(cause).__name__}: {cause}. Reinstall or uninstall {distribution!r}."
+        )
+
+
+class UnknownModelTypeError(PluginError):
+    """No installed plugin provides the checkpoint's ``model_type``."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins claim the same ``model_type`` and none was chosen."""
+
+
+class RemoteCodeError(PluginError):
+    """The checkpoint needs code from its repository, which lmport never runs."""
+
+
+# --- sources and configs ---------------------------------------------------
+
+
+class SourceError(LmportError):
+    """The checkpoint could not be located."""
+
+
+class ConfigError(LmportError):
+    """``config.json`` is missing, unreadable or invalid."""
+
+
+# --- weights -----------------------------------------------------------------
+
+
+class WeightsError(LmportError):
+    """The checkpoint's weights are missing, corrupt or do not fit the model."""
+
+
+class WeightsNotFoundError(WeightsError):
+    """The folder holds no weight file of a supported format."""
+
+
+class CorruptWeightsError(WeightsError):
+    """A weight file is truncated, has a lying header, or is otherwise unreadable."""
+
+
+class MissingShardError(WeightsError):
+    """A shard named in the index file is absent."""
+
+
+class UnsafePathError(WeightsError):
+    """A file named by the checkpoint would resolve outside the checkpoint folder."""
+
+
+class UnsafePickleError(WeightsError):
+    """A ``.bin`` file holds pickled objects that are not plain tensors."""
+
+
+class ShapeMismatchError(WeightsError):
+    """A checkpoint tensor's shape differs from the model parameter it loads into."""
+
+
+class MissingWeightsError(WeightsError):
+    """Parameters of the model have no tensor in the checkpoint."""
+
+
+# --- arguments and runtime ---------------------------------------------------
+
+
+class ArgumentError(LmportError, TypeError):
+    """An argument to ``from_pretrained`` is unknown or has an invalid value."""
+
+
+class UnsupportedFeatureError(LmportError):
+    """A valid request this installation cannot serve (missing package, device, dtype)."""
+
+
+class AttentionKernelError(UnsupportedFeatureError):
+    """The requested attention kernel is unknown or cannot run here."""

@@ -1,0 +1,130 @@
+"""Hook specifications: every step of a load that a plugin may implement.
+
+Each hook is called through one pluggy ``PluginManager`` with project name
+``"lmport"``. Implementations are plain functions or methods decorated with
+:data:`hookimpl`. Unless a spec says otherwise it is ``firstresult``: plugins are
+asked in pluggy's order (last registered first; ``tryfirst``/``trylast`` move an
+implementation), and the first one to return something other than ``None`` wins.
+An implementation returns ``None`` to say "not mine".
+
+Capability plugins from the ``lmport.plugins`` entry point group are registered
+after the builtins, so they are asked first: a third party overrides a builtin
+by installing a package, nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+
+    from .attention import AttentionKernel
+    from .config import PretrainedConfig
+    from .options import LoadOptions, SourceOptions
+    from .weights import WeightMap, WeightSource
+
+PROJECT_NAME = "lmport"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec(firstresult=True)
+def lmport_resolve_source(name_or_path: str, options: SourceOptions) -> Path | None:
+    """Turn what the user passed into a local checkpoint folder.
+
+    Args:
+        name_or_path: a local folder or a hub repository id, as given.
+        options: ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+            ``subfolder`` and the other source arguments.
+
+    Returns:
+        The folder that holds ``config.json`` (subfolder applied), or ``None``
+        when this source does not handle ``name_or_path``. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_parse_config(raw: dict[str, Any], model_type: str) -> PretrainedConfig | None:
+    """Parse the decoded ``config.json`` into a typed config object.
+
+    Args:
+        raw: the JSON object, unmodified.
+        model_type: ``raw["model_type"]``, given separately for dispatch.
+
+    Returns:
+        A :class:`~lmport.config.PretrainedConfig` subclass instance, or
+        ``None`` when the plugin does not provide ``model_type``. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_resolve_model_class(config: PretrainedConfig) -> type | None:
+    """Choose the ``torch.nn.Module`` class that implements ``config``.
+
+    Returns:
+        A subclass of :class:`~lmport.modeling.PreTrainedCausalLM`, or ``None``
+        when the config is not this plugin's. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_weight_mapping(config: PretrainedConfig, model_class: type) -> WeightMap | None:
+    """Give the rules between checkpoint tensor names/layouts and module names/layouts.
+
+    The same rules run forward when loading and backward in ``save_pretrained``.
+
+    Returns:
+        A :class:`~lmport.weights.WeightMap`, or ``None`` to defer (the default
+        implementation returns ``model_class.weight_map``). First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_open_weights(folder: Path, options: LoadOptions) -> WeightSource | None:
+    """Open the checkpoint's weights in ``folder`` as a lazy stream of tensors.
+
+    Args:
+        folder: the checkpoint folder.
+        options: ``variant``, ``use_safetensors`` and the other load arguments.
+
+    Returns:
+        A :class:`~lmport.weights.WeightSource` that reads each tensor on demand,
+        or ``None`` when this format has no files in ``folder``. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_select_attention(
+    requested: str | None,
+    config: PretrainedConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> AttentionKernel | None:
+    """Choose the attention kernel for a model.
+
+    Args:
+        requested: the ``attn_implementation`` asked for (argument first, then
+            ``config.json``), or ``None`` for "the best available".
+        config: the parsed config.
+        device: the device the model will run on.
+        dtype: the dtype of its weights.
+
+    Returns:
+        An :class:`~lmport.attention.AttentionKernel`, or ``None`` when the plugin
+        does not serve this request. An implementation that is asked for by name
+        but cannot run here raises :class:`~lmport.errors.AttentionKernelError`
+        instead of returning ``None``. First result wins.
+    """
+
+
+@hookspec
+def lmport_attention_kernels() -> list[str]:
+    """Name the attention kernels this plugin provides (all results are collected).
+
+    Used to list the choices in error messages and in ``lmport plugins``.
+    """

@@ -1,0 +1,401 @@
+"""The load pipeline: source → config → class → kernel → meta model → streamed weights → model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import AttentionKernel
+from .config import CONFIG_NAME, PretrainedConfig, read_config_json
+from .errors import (
+    ArgumentError,
+    AttentionKernelError,
+    ConfigError,
+    MissingWeightsError,
+    PluginError,
+    RemoteCodeError,
+    ShapeMismatchError,
+    SourceError,
+    UnknownModelTypeError,
+    UnsupportedFeatureError,
+    WeightsNotFoundError,
+)
+from .options import LoadOptions, SourceOptions
+from .registry import get_registry
+from .shards import add_variant
+from .weights import TensorInfo, WeightMap, WeightSource
+
+logger = logging.getLogger("lmport")
+
+#: transformers arguments that have no effect here: accepted, with a warning.
+IGNORED_ARGUMENTS = frozenset(
+    {"low_cpu_mem_usage", "_fast_init", "offload_state_dict", "resume_download", "mirror", "from_tf", "from_flax",
+     "_from_auto", "_from_pipeline", "use_kernels", "tp_plan", "tp_size", "device_mesh", "key_mapping_strict",
+     "adapter_kwargs", "generation_config", "output_attentions", "output_hidden_states", "return_unused_kwargs",
+     "_commit_hash"}
+)  # fmt: skip
+#: arguments of later capabilities (device maps with accelerate, bitsandbytes): refused clearly until served.
+NOT_YET_SUPPORTED = frozenset(
+    {"quantization_config", "max_memory", "offload_folder", "offload_buffers", "load_in_4bit", "load_in_8bit",
+     "gguf_file", "state_dict", "key_mapping", "adapter_name", "pretrained_model_name_or_path"}
+)  # fmt: skip
+
+
+@dataclass
+class LoadReport:
+    """What a load found: returned as a dict with ``output_loading_info=True``."""
+
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    error_msgs: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[Any]]:
+        return {
+            "missing_keys": self.missing_keys,
+            "unexpected_keys": self.unexpected_keys,
+            "mismatched_keys": self.mismatched_keys,
+            "error_msgs": self.error_msgs,
+        }
+
+
+# --- argument handling -----------------------------------------------------------------
+
+
+def resolve_dtype(dtype: Any, config: PretrainedConfig | None, infos: list[TensorInfo] | None) -> torch.dtype:
+    """The dtype to materialise floating weights in: explicit, or "auto" (config, then checkpoint)."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ArgumentError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+    if dtype is None or dtype == "auto":
+        name = getattr(config, "dtype", None) if config is not None else None
+        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+            return resolve_dtype(getattr(torch, name), None, None)
+        for info in infos or []:
+            if info.dtype.is_floating_point:
+                return info.dtype
+        return torch.get_default_dtype()
+    if isinstance(dtype, str):
+        candidate = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(candidate, torch.dtype):
+            return resolve_dtype(candidate, None, None)
+    raise ArgumentError(f"dtype must be a torch dtype, its name (e.g. 'bfloat16') or 'auto', got {dtype!r}")
+
+
+def resolve_device(device_map: Any) -> torch.device:
+    """The single device of ``device_map`` (None, "cpu", "cuda:0", an int, a torch.device or {"": dev})."""
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise UnsupportedFeatureError(
+            f"device_map={device_map!r} (placement across devices with accelerate) is not supported by this "
+            "lmport version; pass one device such as 'cpu' or 'cuda:0'"
+        )
+    if isinstance(device_map, dict):
+        raise UnsupportedFeatureError(
+            "a per-module device_map dict is not supported by this lmport version; pass one device"
+        )
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError) as exc:
+        raise ArgumentError(f"device_map {device_map!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedFeatureError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available")
+    if device.type == "meta":
+        raise ArgumentError("device_map='meta' would load no weights; build with torch.device('meta') instead")
+    return device
+
+
+def select_attention(
+    requested: str | None, config: PretrainedConfig, device: torch.device, dtype: torch.dtype
+) -> AttentionKernel:
+    """Ask the ``select_attention`` hook; an unknown name lists the installed kernels."""
+    registry = get_registry()
+    kernel = registry.hook.lmport_select_attention(requested=requested, config=config, device=device, dtype=dtype)
+    if kernel is None:
+        raise AttentionKernelError(
+            f"unknown attn_implementation {requested!r}; installed kernels: {', '.join(registry.kernel_names())}"
+        )
+    return kernel
+
+
+# --- the pipeline ------------------------------------------------------------------------
+
+
+def resolve_folder(name_or_path: str | os.PathLike[str], options: SourceOptions) -> Path:
+    folder = get_registry().hook.lmport_resolve_source(name_or_path=str(name_or_path), options=options)
+    if folder is None:
+        raise SourceError(
+            f"{str(name_or_path)!r} is not a checkpoint folder on this machine, and no installed source plugin "
+            "resolves it"
+        )
+    return Path(folder)
+
+
+def load_config(
+    folder: Path,
+    *,
+    plugin: str | None = None,
+    trust_remote_code: bool | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PretrainedConfig:
+    """Read ``folder/config.json`` and parse it with the plugin that provides its ``model_type``."""
+    registry = get_registry()
+    raw = read_config_json(folder)
+    path = folder / CONFIG_NAME
+    model_type = raw.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"{path}: no 'model_type' key; lmport chooses the architecture plugin by it")
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(f"{path}: 'model_type' must be a non-empty string, got {model_type!r}")
+    unknown: UnknownModelTypeError | None = None
+    try:
+        registry.architecture(model_type, choose=plugin)
+    except UnknownModelTypeError as exc:
+        unknown = exc
+    try:
+        config = registry.hook.lmport_parse_config(raw=raw, model_type=model_type)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {str(exc).removeprefix(CONFIG_NAME + ': ')}") from exc
+    if config is None:
+        auto_map = raw.get("auto_map")
+        if unknown is not None and auto_map:
+            raise RemoteCodeError(
+                f"{path}: model_type {model_type!r} is implemented only by code inside the checkpoint repository "
+                f"(auto_map: {auto_map}). lmport never runs repository code, trust_remote_code or not. Install an "
+                f"lmport plugin that provides {model_type!r}, or write one (see docs/plugins.md) and register it "
+                "with an entry point or lmport.register(...)."
+            )
+        if unknown is not None:
+            raise UnknownModelTypeError(f"{path}: {unknown}") from None
+        raise PluginError(f"{path}: plugin {registry.provider(model_type)!r} returned no config for {model_type!r}")
+    if trust_remote_code:
+        warnings.warn(
+            f"trust_remote_code=True is ignored: model_type {model_type!r} is provided by the installed plugin "
+            f"{registry.provider(model_type) or 'registered through a hook'}; no repository code is run.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if overrides:
+        config.update(overrides)
+    config._source_folder = folder  # noqa: SLF001 - not a field: never serialised
+    return config
+
+
+def open_weights(folder: Path, options: LoadOptions) -> WeightSource:
+    source = get_registry().hook.lmport_open_weights(folder=folder, options=options)
+    if source is None:
+        looked = []
+        if options.use_safetensors is not False:
+            looked += [add_variant("model.safetensors", options.variant), "model.safetensors.index.json"]
+        if options.use_safetensors is not True:
+            looked += [add_variant("pytorch_model.bin", options.variant), "pytorch_model.bin.index.json"]
+        raise WeightsNotFoundError(f"{folder}: no weight files found (looked for {', '.join(looked)})")
+    return source
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
+    else:
+        owner._buffers[attr] = tensor
+
+
+def load_weights(
+    model: Any,
+    source: WeightSource,
+    weight_map: WeightMap,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    ignore_mismatched_sizes: bool = False,
+) -> LoadReport:
+    """Stream every checkpoint tensor into ``model`` (built on the meta device).
+
+    Each tensor is read once, mapped, cast to ``dtype`` (floating tensors only) on
+    ``device``, and assigned; nothing is initialised first.
+    """
+    report = LoadReport()
+    expected = {name: (t.shape, t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
+    tied = model.tied_parameter_names()
+    infos = list(source.infos())
+
+    wanted: dict[str, TensorInfo] = {}  # module name -> where it comes from
+    skip: set[str] = set()
+    for info in infos:
+        targets = weight_map.plan(info.name, info.shape)
+        for module_name, shape in targets:
+            if module_name in tied:
+                continue
+            if module_name not in expected:
+                report.unexpected_keys.append(info.name)
+                continue
+            model_shape = tuple(expected[module_name][0])
+            if tuple(shape) != model_shape:
+                if not ignore_mismatched_sizes:
+                    raise ShapeMismatchError(
+                        f"{info.file}: tensor {info.name!r} has shape {tuple(info.shape)}, but {module_name!r} in "
+                        f"{type(model).__name__} needs {model_shape}. Fix config.json or pass "
+                        "ignore_mismatched_sizes=True to initialise it afresh."
+                    )
+                report.mismatched_keys.append((module_name, tuple(shape), model_shape))
+                skip.add(module_name)
+                continue
+            wanted[module_name] = info
+
+    missing = [n for n in expected if n not in wanted and n not in tied and n not in skip]
+    if missing:
+        files = ", ".join(str(f) for f in source.files)
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise MissingWeightsError(
+            f"{files}: {len(missing)} weight(s) of {type(model).__name__} are not in the checkpoint: {shown}"
+        )
+
+    done: set[str] = set()
+    for info in infos:
+        names = [n for n, _ in weight_map.plan(info.name, info.shape) if wanted.get(n) is info]
+        if not names:
+            continue
+        tensor = source.read(info)
+        for module_name, part in weight_map.to_module(info.name, tensor):
+            if module_name not in names or module_name in done:
+                continue
+            target_dtype = dtype if part.is_floating_point() else part.dtype
+            part = part.to(device=device, dtype=target_dtype)
+            if not part.is_contiguous() or part.untyped_storage().nbytes() != part.numel() * part.element_size():
+                part = part.clone(memory_format=torch.contiguous_format)
+            _set_tensor(model, module_name, part)
+            done.add(module_name)
+        del tensor
+
+    generator = torch.Generator(device=device)
+    for module_name in skip:
+        fresh = torch.empty(expected[module_name][0], dtype=dtype, device=device)
+        owner_name, _, attr = module_name.rpartition(".")
+        model.init_parameter(model.get_submodule(owner_name), attr, fresh, generator)
+        _set_tensor(model, module_name, fresh)
+    report.missing_keys.extend(sorted(skip))
+    if report.unexpected_keys:
+        logger.warning(
+            "%d checkpoint tensor(s) not used by %s: %s",
+            len(report.unexpected_keys),
+            type(model).__name__,
+            ", ".join(report.unexpected_keys[:8]),
+        )
+    return report
+
+
+def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """See :meth:`lmport.AutoModelForCausalLM.from_pretrained`."""
+    kwargs = dict(kwargs)
+    output_loading_info = bool(kwargs.pop("output_loading_info", False))
+    ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    trust_remote_code = kwargs.pop("trust_remote_code", None)
+    plugin = kwargs.pop("plugin", None)
+    config_arg = kwargs.pop("config", None)
+
+    dtype = kwargs.pop("dtype", None)
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    if dtype is None:
+        dtype = torch_dtype
+    elif torch_dtype is not None and torch_dtype != dtype:
+        raise ArgumentError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype")
+
+    attn_implementation = kwargs.pop("attn_implementation", None)
+    if kwargs.pop("use_flash_attention_2", False):
+        if attn_implementation not in (None, "flash_attention_2"):
+            raise ArgumentError("use_flash_attention_2=True contradicts attn_implementation; pass only the latter")
+        attn_implementation = "flash_attention_2"
+
+    token = kwargs.pop("token", None)
+    if "use_auth_token" in kwargs:
+        warnings.warn("use_auth_token is deprecated; use token", FutureWarning, stacklevel=3)
+        token = token or kwargs.pop("use_auth_token")
+    variant = kwargs.pop("variant", None)
+    use_safetensors = kwargs.pop("use_safetensors", None)
+    source_options = SourceOptions(
+        revision=kwargs.pop("revision", None),
+        cache_dir=_str_or_none(kwargs.pop("cache_dir", None)),
+        token=token,
+        local_files_only=bool(kwargs.pop("local_files_only", False)),
+        subfolder=kwargs.pop("subfolder", "") or "",
+        force_download=bool(kwargs.pop("force_download", False)),
+        proxies=kwargs.pop("proxies", None),
+        variant=variant,
+        use_safetensors=use_safetensors,
+    )
+    device = resolve_device(kwargs.pop("device_map", None))
+
+    for name in sorted(set(kwargs) & IGNORED_ARGUMENTS):
+        warnings.warn(f"from_pretrained: {name} has no effect in lmport and is ignored", UserWarning, stacklevel=3)
+        kwargs.pop(name)
+    for name in sorted(set(kwargs) & NOT_YET_SUPPORTED):
+        if kwargs[name] not in (None, False):
+            raise UnsupportedFeatureError(f"from_pretrained: {name} is not supported by this lmport version")
+        kwargs.pop(name)
+
+    folder = resolve_folder(name_or_path, source_options)
+    if config_arg is None:
+        config_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k != "model_type"}
+        config = load_config(folder, plugin=plugin, trust_remote_code=trust_remote_code, overrides=None)
+        unknown = sorted(k for k in config_overrides if not config.has_field(k))
+        if unknown:
+            raise ArgumentError(
+                f"from_pretrained got unknown arguments {unknown}: they are neither loading options nor fields "
+                f"of {type(config).__name__}"
+            )
+        if config_overrides:
+            config.update(config_overrides)
+    else:
+        if kwargs:
+            raise ArgumentError(f"from_pretrained got unknown arguments {sorted(kwargs)} (config= was given)")
+        if not isinstance(config_arg, PretrainedConfig):
+            raise ArgumentError(f"config must be an lmport config object, got {type(config_arg).__name__}")
+        config = config_arg
+        get_registry().architecture(config.model_type, choose=plugin)
+
+    registry = get_registry()
+    model_class = registry.hook.lmport_resolve_model_class(config=config)
+    if model_class is None:
+        raise PluginError(f"no plugin resolved a model class for {type(config).__name__} ({config.model_type!r})")
+    weight_map = registry.hook.lmport_weight_mapping(config=config, model_class=model_class)
+
+    source = open_weights(folder, LoadOptions(variant=variant, use_safetensors=use_safetensors))
+    try:
+        target_dtype = resolve_dtype(dtype, config, list(source.infos()) if dtype in (None, "auto") else None)
+        requested = attn_implementation or config.extra.get("attn_implementation")
+        kernel = select_attention(requested, config, device, target_dtype)
+        with torch.device("meta"):
+            model = model_class(config)
+        report = load_weights(
+            model, source, weight_map, dtype=target_dtype, device=device, ignore_mismatched_sizes=ignore_mismatched_sizes
+        )
+    finally:
+        source.close()
+    model.init_buffers(device)
+    model.tie_weights()
+    model.set_attention_kernel(kernel)
+    model.config.dtype = str(target_dtype).removeprefix("torch.")
+    model.name_or_path = str(name_or_path)
+    model.eval()
+    logger.info("loaded %s from %s with attention kernel %r", type(model).__name__, folder, kernel.name)
+    if output_loading_info:
+        return model, report.as_dict()
+    return model
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else os.fspath(value)

@@ -1,0 +1,27 @@
+"""Shared model building blocks that architecture plugins compose."""
+
+from .activations import ACTIVATIONS, get_activation
+from .base import DecoderModel, PreTrainedCausalLM
+from .layers import Attention, DecoderLayer, GatedMLP, RMSNorm
+from .loss import causal_lm_loss
+from .outputs import BaseModelOutput, CausalLMOutput, ModelOutput
+from .rope import RotaryEmbedding, apply_rotary, standardize_rope_parameters, validate_rope_parameters
+
+__all__ = [
+    "ACTIVATIONS",
+    "Attention",
+    "BaseModelOutput",
+    "CausalLMOutput",
+    "DecoderLayer",
+    "DecoderModel",
+    "GatedMLP",
+    "ModelOutput",
+    "PreTrainedCausalLM",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "causal_lm_loss",
+    "get_activation",
+    "standardize_rope_parameters",
+    "validate_rope_parameters",
+]

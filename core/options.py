@@ -1,0 +1,28 @@
+"""Typed option bundles that the loader hands to hook implementations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Arguments that locate a checkpoint (``resolve_source``)."""
+
+    revision: str | None = None
+    cache_dir: str | None = None
+    token: str | bool | None = None
+    local_files_only: bool = False
+    subfolder: str = ""
+    force_download: bool = False
+    proxies: dict[str, str] | None = None
+    variant: str | None = None
+    use_safetensors: bool | None = None
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Arguments that choose which weight files to read (``open_weights``)."""
+
+    variant: str | None = None
+    use_safetensors: bool | None = None

@@ -1,0 +1,72 @@
+"""Finding a checkpoint's weight files: single files, sharded indexes, variants, path safety."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import CorruptWeightsError, MissingShardError, UnsafePathError
+
+
+def add_variant(filename: str, variant: str | None) -> str:
+    """``model.safetensors`` → ``model.fp16.safetensors``, as transformers names variants."""
+    if not variant:
+        return filename
+    parts = filename.split(".")
+    return ".".join([*parts[:-1], variant, parts[-1]])
+
+
+def resolve_inside(folder: Path, relative: str, referrer: Path) -> Path:
+    """Join ``relative`` to ``folder``, refusing anything that would land outside it.
+
+    Raises:
+        UnsafePathError: ``relative`` is absolute, climbs out with ``..``, or is a
+            link whose target lies outside ``folder``; the message names ``referrer``.
+    """
+    if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\\" in relative:
+        raise UnsafePathError(f"{referrer}: shard path {relative!r} is not a plain relative file name")
+    root = folder.resolve()
+    target = (root / relative).resolve()
+    if target != root and root not in target.parents:
+        raise UnsafePathError(f"{referrer}: shard path {relative!r} escapes the checkpoint folder {folder}")
+    return target
+
+
+def read_index(index_path: Path) -> dict[str, Path]:
+    """Read a ``*.index.json`` file: tensor name → shard path (validated, existing)."""
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptWeightsError(f"{index_path}: unreadable index file: {exc}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptWeightsError(f"{index_path}: no 'weight_map' object in index file")
+    folder = index_path.parent
+    resolved: dict[str, Path] = {}
+    checked: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if shard not in checked:
+            path = resolve_inside(folder, shard, index_path)
+            if not path.is_file():
+                raise MissingShardError(
+                    f"{index_path}: shard {shard!r} (holding {name!r}) is listed but absent from {folder}"
+                )
+            checked[shard] = path
+        resolved[name] = checked[shard]
+    return resolved
+
+
+def find_weight_files(folder: Path, single: str, index: str, variant: str | None) -> tuple[list[Path], Path | None]:
+    """The files of one format in ``folder``: (files in reading order, index path or None).
+
+    Returns ``([], None)`` when the format has no files there.
+    """
+    index_path = folder / add_variant(index, variant)
+    if index_path.is_file():
+        shards = read_index(index_path)
+        return sorted(set(shards.values())), index_path
+    single_path = folder / add_variant(single, variant)
+    if single_path.is_file():
+        return [single_path], None
+    return [], None

@@ -1,0 +1,12 @@
+"""Builtin capability plugins that core registers itself: sources, weight formats, attention kernels."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+
+def builtin_modules() -> list[ModuleType]:
+    """The builtin plugin modules, in registration order (later ones are asked first)."""
+    from . import attention, local_source, safetensors_format, torch_bin_format
+
+    return [local_source, torch_bin_format, safetensors_format, attention]
