@@ -20,12 +20,22 @@ class Architecture:
         model_type: the ``model_type`` value of ``config.json`` this serves.
         config_class: a :class:`~lmport.config.PretrainedConfig` subclass.
         model_class: the model class (its ``weight_map`` attribute is the default map).
+        tiny_config: ``config.json`` values for a tiny instance (used by ``lmport demo``
+            and by plugin authors' tests); ``None`` if the plugin offers none.
     """
 
-    def __init__(self, model_type: str, config_class: type[PretrainedConfig], model_class: type) -> None:
+    def __init__(
+        self,
+        model_type: str,
+        config_class: type[PretrainedConfig],
+        model_class: type,
+        *,
+        tiny_config: dict[str, Any] | None = None,
+    ) -> None:
         self.model_type = model_type
         self.config_class = config_class
         self.model_class = model_class
+        self.tiny_config = tiny_config
 
     def __repr__(self) -> str:
         return f"Architecture({self.model_type!r}, {self.config_class.__name__}, {self.model_class.__name__})"

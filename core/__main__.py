@@ -1,0 +1,3 @@
+from lmport.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny checkpoints saved by transformers itself (the oracle) or by lmport."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+TINY_LLAMA: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def save_hf_llama(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Path:
+    """Save a randomly initialised transformers LlamaForCausalLM to ``folder``; returns it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def hf_llama(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``hf_llama(**config_overrides, seed=0, dtype=..., name="ckpt")`` → folder saved by transformers."""
+
+    def make(name: str = "ckpt", **kwargs: Any) -> Path:
+        return save_hf_llama(tmp_path / name, **kwargs)
+
+    return make
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Name → sha256 of every file under ``folder`` (to prove a load changed nothing)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def save_hf_llama_random(
+    folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.2, **overrides: Any
+) -> Path:
+    """Like :func:`save_hf_llama`, but every parameter is random and large enough to matter.
+
+    transformers initialises with std 0.02, unit norms and zero biases: attention is then
+    nearly uniform and biases/norms contribute nothing, so a wrong RoPE, bias or norm
+    would hardly move the logits. Here weights are normal(0, ``std``), norm weights
+    normal(1, 0.1) and biases normal(0, 0.1), so parity checks have teeth.
+    """
+    import transformers
+
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+    model = transformers.LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=generator))
+    model.to(dtype).save_pretrained(folder)
+    return folder
