@@ -48,4 +48,7 @@ class Architecture:
 
     @hookimpl(trylast=True)
     def lmport_resolve_model_class(self, config: PretrainedConfig) -> type | None:
-        return self.model_class if isinstance(config, self.config_class) else None
+        # A config class subclassing another plugin's (a Llama variant) must not be claimed by it.
+        if not isinstance(config, self.config_class) or config.model_type != self.model_type:
+            return None
+        return self.model_class

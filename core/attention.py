@@ -18,23 +18,34 @@ class AttentionMask:
             are the queries' own positions).
         padding: ``(batch, kv_len)`` with 1 for real tokens and 0 for padding,
             or ``None`` when every position is real.
+        sliding_window: a query at position ``p`` sees keys at positions
+            ``> p - sliding_window`` only; ``None`` for no window.
     """
 
     q_len: int
     kv_len: int
     padding: torch.Tensor | None = None
+    sliding_window: int | None = None
+
+    @property
+    def window_applies(self) -> bool:
+        """Whether the sliding window hides any key from any query."""
+        return self.sliding_window is not None and self.kv_len > self.sliding_window
 
     @property
     def is_plain_causal(self) -> bool:
-        """True when the mask is exactly "causal, nothing padded"."""
-        return self.padding is None
+        """True when the mask is exactly "causal, nothing padded, no effective window"."""
+        return self.padding is None and not self.window_applies
 
     def to_bool(self, device: torch.device) -> torch.Tensor:
         """``(batch or 1, 1, q_len, kv_len)`` boolean mask, True where attention is allowed."""
         offset = self.kv_len - self.q_len
         q = torch.arange(self.q_len, device=device)[:, None] + offset
         k = torch.arange(self.kv_len, device=device)[None, :]
-        allowed = (k <= q)[None, None]
+        allowed = k <= q
+        if self.window_applies:
+            allowed = allowed & (k > q - self.sliding_window)
+        allowed = allowed[None, None]
         if self.padding is not None:
             allowed = allowed & self.padding.to(device=device, dtype=torch.bool)[:, None, None, :]
         return allowed

@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
 
-from .errors import ConfigError
+from .errors import ArgumentError, ConfigError
 
 C = TypeVar("C", bound="PretrainedConfig")
 
@@ -75,6 +75,8 @@ class PretrainedConfig:
     model_type: ClassVar[str] = ""
     #: The Hugging Face class name written to ``architectures`` on save.
     hf_architecture: ClassVar[str] = ""
+    #: Field name → the key ``config.json`` uses for it, where they differ (GPT-2's ``n_embd``).
+    json_names: ClassVar[dict[str, str]] = {}
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -120,6 +122,9 @@ class PretrainedConfig:
         """Rewrite older spellings of fields into current ones (subclasses extend)."""
         if "dtype" not in raw and "torch_dtype" in raw:
             raw["dtype"] = raw.pop("torch_dtype")
+        for name, key in cls.json_names.items():
+            if key in raw:
+                raw[name] = raw.pop(key)
         return raw
 
     def __post_init__(self) -> None:
@@ -134,18 +139,23 @@ class PretrainedConfig:
     # --- access --------------------------------------------------------------------
 
     def update(self, overrides: dict[str, Any]) -> None:
-        """Set fields from keyword overrides (``from_pretrained(..., hidden_act=...)``)."""
+        """Set fields from keyword overrides (``from_pretrained(..., hidden_act=...)``).
+
+        Raises:
+            ArgumentError: an override names no field, has the wrong type, or leaves the
+                config inconsistent (the overrides are arguments, not ``config.json``).
+        """
         hints = typing.get_type_hints(type(self))
         for key, value in overrides.items():
             if not self.has_field(key):
-                raise ConfigError(f"{type(self).__name__} has no field {key!r}")
+                raise ArgumentError(f"{type(self).__name__} has no field {key!r}")
             if not _matches(value, hints[key]):
-                raise ConfigError(f"override {key}={value!r} must be {_type_name(hints[key])}")
+                raise ArgumentError(f"override {key}={value!r} must be {_type_name(hints[key])}")
             setattr(self, key, value)
         try:
             self.validate()
         except ValueError as exc:
-            raise ConfigError(f"after overrides {sorted(overrides)}: {exc}") from exc
+            raise ArgumentError(f"after overrides {sorted(overrides)}: {exc}") from exc
 
     @classmethod
     def has_field(cls, name: str) -> bool:
@@ -157,6 +167,9 @@ class PretrainedConfig:
         extra = self.__dict__.get("extra")
         if extra is not None and name in extra:
             return extra[name]
+        for field_name, key in type(self).json_names.items():
+            if key == name:
+                return getattr(self, field_name)
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     # --- serialisation -------------------------------------------------------------
@@ -167,6 +180,8 @@ class PretrainedConfig:
         for f in dataclasses.fields(self):
             if f.name != "extra":
                 out[f.name] = getattr(self, f.name)
+        for name, key in self.json_names.items():
+            out[key] = out.pop(name)
         out["model_type"] = self.model_type
         if self.hf_architecture:
             out["architectures"] = [self.hf_architecture]

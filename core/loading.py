@@ -162,6 +162,8 @@ def load_config(
     try:
         registry.architecture(model_type, choose=plugin)
     except UnknownModelTypeError as exc:
+        if registry.choice(model_type, plugin) is not None:
+            raise  # an explicit choice is honoured or refused, never silently replaced
         unknown = exc
     try:
         config = registry.hook.lmport_parse_config(raw=raw, model_type=model_type)

@@ -122,7 +122,7 @@ class Registry:
                 except PluginImportError as exc:
                     self.failures.append(exc)
                     logger.warning("%s", exc)
-                except ValueError as exc:  # pluggy: already registered or invalid hookimpl
+                except (ValueError, pluggy.PluginValidationError) as exc:  # already registered / invalid hookimpl
                     err = PluginImportError(info.distribution, f"{info.name} = {info.value}", exc)
                     self.failures.append(err)
                     logger.warning("%s", err)
@@ -147,8 +147,7 @@ class Registry:
             if model_type in self._runtime and choose is None:
                 return self._runtime[model_type]
             candidates = [e for e in self.entry_points(ARCHITECTURES_GROUP) if e.name == model_type]
-            if choose is None:
-                choose = _parse_choices(os.environ.get(CHOICE_ENV, "")).get(model_type)
+            choose = self.choice(model_type, choose)
             if choose is not None:
                 picked = [e for e in candidates if _normalize(e.distribution) == _normalize(choose)]
                 if not picked:
@@ -173,6 +172,12 @@ class Registry:
             if self._architectures.get(model_type, (None,))[0] != label:
                 self._register_architecture(model_type, label, plugin)
             return plugin
+
+    def choice(self, model_type: str, choose: str | None = None) -> str | None:
+        """The distribution explicitly chosen for ``model_type``: ``choose``, else the :data:`CHOICE_ENV` setting."""
+        if choose is not None:
+            return choose
+        return _parse_choices(os.environ.get(CHOICE_ENV, "")).get(model_type)
 
     def provider(self, model_type: str) -> str | None:
         """The label (``distribution:model_type`` or ``runtime:...``) of the loaded provider, if any."""

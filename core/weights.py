@@ -123,6 +123,8 @@ class WeightMap:
     """Rules between checkpoint tensors and module tensors, kept as data.
 
     Attributes:
+        aliases: load-only renames from older checkpoint spellings to the canonical
+            checkpoint names (first match wins), applied before everything else.
         rename: tried in order on load (checkpoint → module), first match wins;
             reversed on save, again first match wins. Unmatched names are kept.
         transpose: module tensors stored transposed in the checkpoint.
@@ -130,15 +132,26 @@ class WeightMap:
         ignore: checkpoint names dropped on load without being reported as unexpected.
     """
 
+    aliases: tuple[Rename, ...] = ()
     rename: tuple[Rename, ...] = ()
     transpose: tuple[Transpose, ...] = ()
     split: tuple[Split, ...] = ()
     ignore: tuple[str, ...] = ()
 
+    def canonical(self, checkpoint_name: str) -> str:
+        """The checkpoint name with a legacy spelling replaced by the canonical one."""
+        for rule in self.aliases:
+            out = translate(checkpoint_name, rule.checkpoint, rule.module)
+            if out is not None:
+                return out
+        return checkpoint_name
+
     def ignored(self, checkpoint_name: str) -> bool:
-        return any(match(p, checkpoint_name) is not None for p in self.ignore)
+        name = self.canonical(checkpoint_name)
+        return any(match(p, name) is not None for p in self.ignore)
 
     def to_module_name(self, checkpoint_name: str) -> str:
+        checkpoint_name = self.canonical(checkpoint_name)
         for rule in self.rename:
             out = translate(checkpoint_name, rule.checkpoint, rule.module)
             if out is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,26 +18,56 @@ SINGLE = "pytorch_model.bin"
 INDEX = "pytorch_model.bin.index.json"
 
 
+#: Substrings of ``torch.load(weights_only=True)`` refusals of objects that are not plain tensors,
+#: as opposed to a file that is simply damaged.
+_REFUSAL_MARKERS = (
+    "Unsupported global", "unsupported GLOBAL", "allowlist", "unrecognized function", "Can only create new object", "must be imported"
+)  # fmt: skip
+
+
+def _format_of(path: Path) -> str:
+    """``"zip"`` (torch.save's default), ``"legacy"`` (a bare pickle) or ``""`` (neither)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol 2+ opcode, what legacy torch.save writes first
+        return "legacy"
+    return ""
+
+
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Load a ``.bin`` state dict safely: tensors only, memory-mapped where the format allows."""
     try:
-        try:
-            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
-                raise
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        kind = _format_of(path)
+    except OSError as exc:
+        raise CorruptWeightsError(f"{path}: cannot be read: {exc}") from exc
+    if not kind:
+        raise CorruptWeightsError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as exc:
+        refusal = next((line.strip() for line in str(exc).splitlines() if any(m in line for m in _REFUSAL_MARKERS)), "")
+        if not refusal:
+            raise CorruptWeightsError(f"{path}: not a readable PyTorch checkpoint: {str(exc)[-300:]}") from exc
         raise UnsafePickleError(
             f"{path}: refused to unpickle non-tensor objects (lmport only loads .bin files with "
-            f"torch.load(weights_only=True)); convert the checkpoint to safetensors. Detail: {str(exc)[:300]}"
+            f"torch.load(weights_only=True)); convert the checkpoint to safetensors. Detail: {refusal[:300]}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CorruptWeightsError(f"{path}: not a readable PyTorch checkpoint: {exc}") from exc
-    if not isinstance(data, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
-    ):
+    except MemoryError:
+        raise
+    except Exception as exc:  # a damaged file fails in many ways (EOFError, KeyError, IndexError, ...)
+        raise CorruptWeightsError(
+            f"{path}: not a readable PyTorch checkpoint: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
         raise UnsafePickleError(f"{path}: holds {type(data).__name__}, not a mapping of names to tensors")
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise UnsafePickleError(
+                f"{path}: entry {key!r} holds {type(value).__name__}, not a tensor; a .bin checkpoint must be a "
+                "mapping of names to tensors"
+            )
     return data
 
 

@@ -12,4 +12,4 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" \
   || python -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<3"
-python -m pip install -q -e ".[test]" -e plugins_llama
+python -m pip install -q -e ".[test]" -e plugins_llama -e plugins_gpt2 -e plugins_mistral

@@ -2,7 +2,8 @@
 
 from .activations import ACTIVATIONS, get_activation
 from .base import DecoderModel, PreTrainedCausalLM
-from .layers import Attention, DecoderLayer, GatedMLP, RMSNorm
+from .decoder import RopeDecoderConfig, build_rope_decoder
+from .layers import MLP, Attention, DecoderLayer, GatedMLP, RMSNorm
 from .loss import causal_lm_loss
 from .outputs import BaseModelOutput, CausalLMOutput, ModelOutput
 from .rope import RotaryEmbedding, apply_rotary, standardize_rope_parameters, validate_rope_parameters
@@ -15,11 +16,14 @@ __all__ = [
     "DecoderLayer",
     "DecoderModel",
     "GatedMLP",
+    "MLP",
     "ModelOutput",
     "PreTrainedCausalLM",
     "RMSNorm",
+    "RopeDecoderConfig",
     "RotaryEmbedding",
     "apply_rotary",
+    "build_rope_decoder",
     "causal_lm_loss",
     "get_activation",
     "standardize_rope_parameters",

@@ -23,21 +23,38 @@ _FORWARD_IGNORED = {"output_attentions", "return_dict", "cache_position", "use_c
 
 
 class DecoderModel(nn.Module):
-    """Token embeddings, a stack of decoder layers, a final norm and rotary positions.
+    """Token embeddings, a stack of decoder layers, a final norm, and positions (rotary or learned).
 
     Args:
         embed_tokens: the token embedding.
-        layers: the decoder layers, each called as ``layer(hidden, (cos, sin), mask)``.
+        layers: the decoder layers, each called as ``layer(hidden, (cos, sin) or None, mask)``.
         norm: the final norm.
-        rotary_emb: the rotary embedding shared by every layer.
+        rotary_emb: the rotary embedding shared by every layer, or ``None``.
+        embed_positions: a learned absolute position embedding added to the tokens', or ``None``.
+        embed_dropout: dropout on the summed embeddings while training.
+        sliding_window: each query sees only this many most recent keys (itself included); ``None`` for all.
     """
 
-    def __init__(self, embed_tokens: nn.Embedding, layers: list[nn.Module], norm: nn.Module, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        embed_tokens: nn.Embedding,
+        layers: list[nn.Module],
+        norm: nn.Module,
+        rotary_emb: RotaryEmbedding | None = None,
+        *,
+        embed_positions: nn.Embedding | None = None,
+        embed_dropout: float = 0.0,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         self.embed_tokens = embed_tokens
+        if embed_positions is not None:
+            self.embed_positions = embed_positions
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.rotary_emb = rotary_emb
+        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.sliding_window = sliding_window
         self.gradient_checkpointing = False
         self._checkpoint_kwargs: dict[str, Any] = {"use_reentrant": False}
 
@@ -59,10 +76,13 @@ class DecoderModel(nn.Module):
         padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             padding = attention_mask
-        mask = AttentionMask(q_len=seq, kv_len=seq, padding=padding)
+        mask = AttentionMask(q_len=seq, kv_len=seq, padding=padding, sliding_window=self.sliding_window)
 
         hidden = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden, position_ids)
+        if hasattr(self, "embed_positions"):
+            hidden = hidden + self.embed_positions(position_ids)
+        hidden = self.embed_dropout(hidden)
+        position_embeddings = self.rotary_emb(hidden, position_ids) if self.rotary_emb is not None else None
         all_hidden: list[torch.Tensor] = []
         for layer in self.layers:
             if output_hidden_states:

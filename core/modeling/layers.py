@@ -39,6 +39,10 @@ class Attention(nn.Module):
         head_dim: per-head width (may differ from ``hidden_size // num_heads``).
         bias: bias on the q/k/v/o projections.
         dropout: attention-probability dropout while training.
+        scaling: the factor applied to ``q @ k.T``; ``head_dim ** -0.5`` by default.
+        resid_dropout: dropout on the output projection while training.
+        rotary: rotate queries and keys by the rotary embedding (False for
+            learned absolute positions).
     """
 
     def __init__(
@@ -51,14 +55,19 @@ class Attention(nn.Module):
         bias: bool = False,
         dropout: float = 0.0,
         layer_idx: int = 0,
+        scaling: float | None = None,
+        resid_dropout: float = 0.0,
+        rotary: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.num_kv_groups = num_heads // num_kv_heads
-        self.scaling = head_dim**-0.5
+        self.scaling = head_dim**-0.5 if scaling is None else scaling
         self.dropout = dropout
+        self.resid_dropout = nn.Dropout(resid_dropout)
+        self.rotary = rotary
         self.layer_idx = layer_idx
         self.kernel: AttentionKernel | None = None
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
@@ -69,7 +78,7 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         mask: AttentionMask,
     ) -> torch.Tensor:
         batch, seq, _ = hidden_states.shape
@@ -77,8 +86,10 @@ class Attention(nn.Module):
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, cos, sin)
+        if self.rotary:
+            if position_embeddings is None:
+                raise ValueError("rotary attention needs (cos, sin) position embeddings")
+            q, k = apply_rotary(q, k, *position_embeddings)
         if self.kernel is None:
             raise RuntimeError("no attention kernel set; call model.set_attention_kernel(...)")
         out = self.kernel(
@@ -90,7 +101,7 @@ class Attention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             num_kv_groups=self.num_kv_groups,
         )
-        return self.o_proj(out.reshape(batch, seq, -1))
+        return self.resid_dropout(self.o_proj(out.reshape(batch, seq, -1)))
 
 
 class GatedMLP(nn.Module):
@@ -107,6 +118,22 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MLP(nn.Module):
+    """``down(act(up(x)))``, then dropout while training (GPT-2 style)."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = True, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = get_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(self.act_fn(self.up_proj(x))))
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
@@ -120,7 +147,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         mask: AttentionMask,
     ) -> torch.Tensor:
         residual = hidden_states

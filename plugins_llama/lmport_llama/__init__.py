@@ -3,7 +3,7 @@
 from lmport import Architecture
 
 from .config import LlamaConfig
-from .model import LlamaForCausalLM, LlamaModel
+from .model import LlamaForCausalLM
 
 TINY_CONFIG = {
     "vocab_size": 256,
@@ -17,4 +17,4 @@ TINY_CONFIG = {
 
 plugin = Architecture("llama", LlamaConfig, LlamaForCausalLM, tiny_config=TINY_CONFIG)
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "LlamaModel", "plugin"]
+__all__ = ["TINY_CONFIG", "LlamaConfig", "LlamaForCausalLM", "plugin"]

@@ -1,0 +1,31 @@
+"""The Mistral config: transformers' ``MistralConfig`` fields and defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lmport.modeling import RopeDecoderConfig
+
+
+@dataclass
+class MistralConfig(RopeDecoderConfig):
+    """Mistral hyper-parameters; ``sliding_window`` (or ``None``) bounds how far back a query sees."""
+
+    model_type: ClassVar[str] = "mistral"
+    hf_architecture: ClassVar[str] = "MistralForCausalLM"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    intermediate_size: int = 14336
+    num_key_value_heads: int | None = 8
+    max_position_embeddings: int = 4096 * 32
+    sliding_window: int | None = 4096
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or null, got {self.sliding_window}")
