@@ -20,12 +20,16 @@ class AttentionMask:
             or ``None`` when every position is real.
         sliding_window: a query at position ``p`` sees keys at positions
             ``> p - sliding_window`` only; ``None`` for no window.
+        segments: ``(batch, kv_len)`` document index of each position when several
+            documents are packed in one row (keys of other documents are hidden),
+            or ``None``.
     """
 
     q_len: int
     kv_len: int
     padding: torch.Tensor | None = None
     sliding_window: int | None = None
+    segments: torch.Tensor | None = None
 
     @property
     def window_applies(self) -> bool:
@@ -35,7 +39,7 @@ class AttentionMask:
     @property
     def is_plain_causal(self) -> bool:
         """True when the mask is exactly "causal, nothing padded, no effective window"."""
-        return self.padding is None and not self.window_applies
+        return self.padding is None and self.segments is None and not self.window_applies
 
     def to_bool(self, device: torch.device) -> torch.Tensor:
         """``(batch or 1, 1, q_len, kv_len)`` boolean mask, True where attention is allowed."""
@@ -46,6 +50,9 @@ class AttentionMask:
         if self.window_applies:
             allowed = allowed & (k > q - self.sliding_window)
         allowed = allowed[None, None]
+        if self.segments is not None:
+            seg = self.segments.to(device)
+            allowed = allowed & (seg[:, None, -self.q_len :, None] == seg[:, None, None, :])
         if self.padding is not None:
             allowed = allowed & self.padding.to(device=device, dtype=torch.bool)[:, None, None, :]
         return allowed
@@ -73,6 +80,19 @@ class AttentionKernel(Protocol):
         dropout: float,
         num_kv_groups: int,
     ) -> torch.Tensor: ...
+
+
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document index of each position when ``position_ids`` restart (packed rows), else ``None``.
+
+    ``[[0, 1, 0, 1, 2, 0]]`` → ``[[0, 0, 1, 1, 1, 2]]``: a new document starts wherever
+    the position does not follow the previous one.
+    """
+    first = position_ids[:, :1] - 1
+    segments = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    if bool((segments[:, -1] == 0).all()):
+        return None
+    return segments
 
 
 def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -11,15 +11,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import AttentionKernel, AttentionMask
+from ..attention import AttentionKernel, AttentionMask, packed_segments
+from ..cache import KVCache
 from ..config import PretrainedConfig
+from ..generation import GenerationMixin
 from ..weights import IDENTITY, WeightMap
 from .layers import Attention
 from .loss import causal_lm_loss
 from .outputs import BaseModelOutput, CausalLMOutput
 from .rope import RotaryEmbedding
 
-_FORWARD_IGNORED = {"output_attentions", "return_dict", "cache_position", "use_cache", "past_key_values"}
+_FORWARD_IGNORED = {"output_attentions", "return_dict", "cache_position"}
 
 
 class DecoderModel(nn.Module):
@@ -65,18 +67,35 @@ class DecoderModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
     ) -> BaseModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, seq = inputs_embeds.shape[:2]
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        segments = None
         if position_ids is None:
-            position_ids = torch.arange(seq, device=inputs_embeds.device).unsqueeze(0)
+            position_ids = torch.arange(past, past + seq, device=inputs_embeds.device).unsqueeze(0)
+        elif attention_mask is None and past == 0:
+            segments = packed_segments(position_ids)  # documents packed in one row
         padding = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            padding = attention_mask
-        mask = AttentionMask(q_len=seq, kv_len=seq, padding=padding, sliding_window=self.sliding_window)
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != past + seq:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[-1]} positions; expected {past + seq} "
+                    f"({past} cached + {seq} new)"
+                )
+            if not bool(attention_mask.all()):
+                padding = attention_mask
+        mask = AttentionMask(
+            q_len=seq, kv_len=past + seq, padding=padding, sliding_window=self.sliding_window, segments=segments
+        )
 
         hidden = inputs_embeds
         if hasattr(self, "embed_positions"):
@@ -88,16 +107,20 @@ class DecoderModel(nn.Module):
             if output_hidden_states:
                 all_hidden.append(hidden)
             if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, position_embeddings, mask, **self._checkpoint_kwargs)
+                hidden = checkpoint(layer, hidden, position_embeddings, mask, cache, **self._checkpoint_kwargs)
             else:
-                hidden = layer(hidden, position_embeddings, mask)
+                hidden = layer(hidden, position_embeddings, mask, cache)
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
-        return BaseModelOutput(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if output_hidden_states else None)
+        return BaseModelOutput(
+            last_hidden_state=hidden,
+            past_key_values=cache,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+        )
 
 
-class PreTrainedCausalLM(nn.Module):
+class PreTrainedCausalLM(nn.Module, GenerationMixin):
     """Base of every lmport causal LM: ``self.model`` (a :class:`DecoderModel`) and ``self.lm_head``.
 
     Subclasses set :attr:`config_class` and build ``model`` from the config; the
@@ -228,6 +251,8 @@ class PreTrainedCausalLM(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         shift_labels: torch.Tensor | None = None,
         ignore_index: int = -100,
+        past_key_values: KVCache | None = None,
+        use_cache: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutput:
         """Logits for every kept position, and the next-token loss when ``labels`` are given.
@@ -239,6 +264,11 @@ class PreTrainedCausalLM(nn.Module):
             labels: ``(batch, seq)`` targets, ``-100`` where no loss is taken.
             logits_to_keep: keep only the last N positions' logits (0 keeps all), or the positions given.
             num_items_in_batch: divide the summed loss by this (gradient accumulation).
+            past_key_values: a :class:`~lmport.cache.KVCache` of earlier positions (updated in place).
+            use_cache: return a cache (a new one if none was given) as ``past_key_values``.
+
+        Position ids that restart at 0 inside a row (and no ``attention_mask``) mark
+        packed documents: no token attends across a document boundary.
         """
         unknown = set(kwargs) - _FORWARD_IGNORED
         if unknown:
@@ -251,6 +281,8 @@ class PreTrainedCausalLM(nn.Module):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             output_hidden_states=bool(output_hidden_states),
+            past_key_values=past_key_values,
+            use_cache=bool(use_cache) or past_key_values is not None,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -263,7 +295,9 @@ class PreTrainedCausalLM(nn.Module):
             loss = causal_lm_loss(
                 logits, labels, self.config.vocab_size, num_items_in_batch, ignore_index, shift_labels
             )
-        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return CausalLMOutput(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
 
     # --- fine-tuning conveniences ----------------------------------------------------
 

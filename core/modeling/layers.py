@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionKernel, AttentionMask
+from ..cache import KVCache
 from .activations import get_activation
 from .rope import apply_rotary
 
@@ -80,6 +81,7 @@ class Attention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         mask: AttentionMask,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         batch, seq, _ = hidden_states.shape
         shape = (batch, seq, -1, self.head_dim)
@@ -90,6 +92,8 @@ class Attention(nn.Module):
             if position_embeddings is None:
                 raise ValueError("rotary attention needs (cos, sin) position embeddings")
             q, k = apply_rotary(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         if self.kernel is None:
             raise RuntimeError("no attention kernel set; call model.set_attention_kernel(...)")
         out = self.kernel(
@@ -149,9 +153,10 @@ class DecoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         mask: AttentionMask,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask)
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask, cache)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
