@@ -52,9 +52,8 @@ BUILTIN_PLUGINS = ["local-source", "safetensors-format", "torch-bin-format", "at
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Describe a checkpoint: its architecture, plugin, class, parameters and weight files."""
-    import torch
-
     from .loading import load_config, open_weights, resolve_folder
+    from .modeling.base import build_on_meta
     from .options import LoadOptions, SourceOptions
     from .weights import dtype_bytes
 
@@ -62,8 +61,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config = load_config(folder)
     registry = get_registry()
     model_class = registry.hook.lmport_resolve_model_class(config=config)
-    with torch.device("meta"):
-        model = model_class(config)
+    model = build_on_meta(model_class, config)
     n_params = sum(p.numel() for p in model.parameters())
     source = open_weights(folder, LoadOptions())
     try:

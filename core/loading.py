@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import AttentionKernel
 from .config import CONFIG_NAME, PretrainedConfig, read_config_json
+from .modeling.base import build_on_meta
 from .errors import (
     ArgumentError,
     AttentionKernelError,
@@ -380,8 +381,7 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
         target_dtype = resolve_dtype(dtype, config, list(source.infos()) if dtype in (None, "auto") else None)
         requested = attn_implementation or config.extra.get("attn_implementation")
         kernel = select_attention(requested, config, device, target_dtype)
-        with torch.device("meta"):
-            model = model_class(config)
+        model = build_on_meta(model_class, config)
         report = load_weights(
             model, source, weight_map, dtype=target_dtype, device=device, ignore_mismatched_sizes=ignore_mismatched_sizes
         )

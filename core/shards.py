@@ -17,20 +17,39 @@ def add_variant(filename: str, variant: str | None) -> str:
     return ".".join([*parts[:-1], variant, parts[-1]])
 
 
+def _hub_blobs(folder: Path) -> Path | None:
+    """The ``blobs/`` folder of the Hugging Face cache repository ``folder`` is a snapshot of, if it is one."""
+    for p in [folder, *folder.parents]:
+        if p.parent.name == "snapshots" and (p.parent.parent / "blobs").is_dir():
+            return (p.parent.parent / "blobs").resolve()
+    return None
+
+
 def resolve_inside(folder: Path, relative: str, referrer: Path) -> Path:
     """Join ``relative`` to ``folder``, refusing anything that would land outside it.
 
+    A link is followed only to a file inside ``folder``, or, for a snapshot of the
+    Hugging Face cache, inside that repository's ``blobs/`` (where the cache keeps
+    the files its snapshots link to).
+
     Raises:
         UnsafePathError: ``relative`` is absolute, climbs out with ``..``, or is a
-            link whose target lies outside ``folder``; the message names ``referrer``.
+            link whose target lies elsewhere; the message names ``referrer``.
     """
     if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\\" in relative:
         raise UnsafePathError(f"{referrer}: shard path {relative!r} is not a plain relative file name")
-    root = folder.resolve()
-    target = (root / relative).resolve()
-    if target != root and root not in target.parents:
+    if ".." in relative.split("/"):
         raise UnsafePathError(f"{referrer}: shard path {relative!r} escapes the checkpoint folder {folder}")
-    return target
+    root = folder.resolve()
+    target = (folder / relative).resolve()
+    if root in target.parents:
+        return target
+    blobs = _hub_blobs(folder)
+    if blobs is not None and blobs in target.parents:
+        return target
+    raise UnsafePathError(
+        f"{referrer}: shard path {relative!r} is a link to {target}, outside the checkpoint folder {folder}"
+    )
 
 
 def read_index(index_path: Path) -> dict[str, Path]:

@@ -1,16 +1,16 @@
-"""Builtin attention kernels: ``eager`` (plain matmul + softmax) and ``sdpa`` (torch's fused kernel)."""
+"""Builtin attention kernels ``eager`` (plain matmul + softmax) and ``sdpa`` (torch's fused kernel),
+and the selection among them and ``flash_attention_2`` (see :mod:`.flash_attention`)."""
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 from lmport.attention import AttentionKernel, AttentionMask, repeat_kv
 from lmport.config import PretrainedConfig
-from lmport.errors import AttentionKernelError
 from lmport.hookspecs import hookimpl
+
+from . import flash_attention
 
 
 class EagerAttention:
@@ -76,32 +76,22 @@ class SdpaAttention:
 
 
 KERNELS: dict[str, AttentionKernel] = {"eager": EagerAttention(), "sdpa": SdpaAttention()}
-FLASH = "flash_attention_2"
-
-
-def _refuse_flash(device: torch.device, dtype: torch.dtype) -> None:
-    if importlib.util.find_spec("flash_attn") is None:
-        raise AttentionKernelError(
-            f"attn_implementation={FLASH!r} needs the flash-attn package: pip install 'lmport[flash]' (CUDA only)"
-        )
-    if device.type != "cuda":
-        raise AttentionKernelError(f"attn_implementation={FLASH!r} runs on CUDA devices only, not {device}")
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise AttentionKernelError(f"attn_implementation={FLASH!r} needs float16 or bfloat16 weights, not {dtype}")
-    raise AttentionKernelError(f"attn_implementation={FLASH!r} is not available in this lmport version")
 
 
 @hookimpl(trylast=True)
 def lmport_select_attention(
     requested: str | None, config: PretrainedConfig, device: torch.device, dtype: torch.dtype
 ) -> AttentionKernel | None:
+    if requested == flash_attention.NAME:
+        return flash_attention.load(device, dtype)
     if requested is None:
+        # Best available: flash attention where it can run, else torch's fused sdpa.
+        if flash_attention.availability(device, dtype) is None:
+            return flash_attention.load(device, dtype)
         return KERNELS["sdpa"]
-    if requested == FLASH:
-        _refuse_flash(device, dtype)
     return KERNELS.get(requested)
 
 
 @hookimpl
 def lmport_attention_kernels() -> list[str]:
-    return list(KERNELS)
+    return [*KERNELS, flash_attention.NAME]

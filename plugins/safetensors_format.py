@@ -26,6 +26,19 @@ _DTYPES = {
 }  # fmt: skip
 
 
+def _open(path: Path) -> Any:
+    """``safe_open`` reading each tensor with ``pread`` into its own memory where safetensors can.
+
+    Not memory-mapping keeps a load's resident memory at the loaded model's size when
+    tensors are cast (a mapping would keep every page read resident until closed), and
+    the model never depends on the checkpoint file staying unchanged on disk.
+    """
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend choice
+        return safe_open(str(path), framework="pt")
+
+
 class SafetensorsSource:
     """A safetensors checkpoint; headers are read on open, tensors on demand."""
 
@@ -36,7 +49,7 @@ class SafetensorsSource:
         self._handles: dict[Path, Any] = {}
         for path in files:
             try:
-                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+                self._handles[path] = self._stack.enter_context(_open(path))
             except (SafetensorError, OSError) as exc:
                 self._stack.close()
                 raise CorruptWeightsError(f"{path}: not a readable safetensors file: {exc}") from exc

@@ -21,7 +21,8 @@ INDEX = "pytorch_model.bin.index.json"
 #: Substrings of ``torch.load(weights_only=True)`` refusals of objects that are not plain tensors,
 #: as opposed to a file that is simply damaged.
 _REFUSAL_MARKERS = (
-    "Unsupported global", "unsupported GLOBAL", "allowlist", "unrecognized function", "Can only create new object", "must be imported"
+    "Unsupported global", "unsupported GLOBAL", "unrecognized function", "Can only create new object",
+    "must be imported",
 )  # fmt: skip
 
 
@@ -47,12 +48,13 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as exc:
-        refusal = next((line.strip() for line in str(exc).splitlines() if any(m in line for m in _REFUSAL_MARKERS)), "")
-        if not refusal:
-            raise CorruptWeightsError(f"{path}: not a readable PyTorch checkpoint: {str(exc)[-300:]}") from exc
+        # torch wraps the unpickler's own reason in advice about weights_only=False; keep only the reason.
+        detail = " ".join(str(exc).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        if not any(marker in detail for marker in _REFUSAL_MARKERS):
+            raise CorruptWeightsError(f"{path}: not a readable PyTorch checkpoint: {detail[:300]}") from exc
         raise UnsafePickleError(
             f"{path}: refused to unpickle non-tensor objects (lmport only loads .bin files with "
-            f"torch.load(weights_only=True)); convert the checkpoint to safetensors. Detail: {refusal[:300]}"
+            f"torch.load(weights_only=True)); convert the checkpoint to safetensors. Detail: {detail[:300]}"
         ) from exc
     except MemoryError:
         raise

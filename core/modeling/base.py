@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import AttentionKernel, AttentionMask, packed_segments
@@ -22,6 +23,26 @@ from .outputs import BaseModelOutput, CausalLMOutput
 from .rope import RotaryEmbedding
 
 _FORWARD_IGNORED = {"output_attentions", "return_dict", "cache_position"}
+
+
+class _SkipInit(TorchFunctionMode):
+    """Make ``torch.nn.init`` functions no-ops: values of meta tensors are never used.
+
+    Also spares a fresh process the import of ``torch._dynamo`` that ``nn.init`` on
+    the meta device triggers (seconds, whatever the model size).
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def build_on_meta(model_class: type[nn.Module], config: Any) -> nn.Module:
+    """Instantiate ``model_class(config)`` with every parameter on the meta device, nothing initialised."""
+    with torch.device("meta"), _SkipInit():
+        return model_class(config)
 
 
 class DecoderModel(nn.Module):
@@ -164,8 +185,7 @@ class PreTrainedCausalLM(nn.Module, GenerationMixin):
         """A freshly initialised model (normal(0, ``initializer_range``) weights, unit norms)."""
         from ..loading import select_attention
 
-        with torch.device("meta"):
-            model = cls(config)
+        model = build_on_meta(cls, config)
         device = torch.device(device)
         model.to_empty(device=device)
         generator = torch.Generator(device=device)
