@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,22 +269,36 @@ def load_weights(
             f"{files}: {len(missing)} weight(s) of {type(model).__name__} are not in the checkpoint: {shown}"
         )
 
-    done: set[str] = set()
-    for info in infos:
-        names = [n for n, _ in weight_map.plan(info.name, info.shape) if wanted.get(n) is info]
-        if not names:
-            continue
-        tensor = source.read(info)
+    read_as = getattr(source, "read_as", None)
+
+    def materialise(info: TensorInfo) -> list[tuple[str, torch.Tensor]]:
+        names = {n for n, _ in weight_map.plan(info.name, info.shape) if wanted.get(n) is info}
+        tensor = read_as(info, dtype) if read_as is not None else source.read(info)
+        out = []
         for module_name, part in weight_map.to_module(info.name, tensor):
-            if module_name not in names or module_name in done:
+            if module_name not in names:
                 continue
-            target_dtype = dtype if part.is_floating_point() else part.dtype
-            part = part.to(device=device, dtype=target_dtype)
+            part = part.to(device=device, dtype=dtype if part.is_floating_point() else part.dtype)
             if not part.is_contiguous() or part.untyped_storage().nbytes() != part.numel() * part.element_size():
-                part = part.clone(memory_format=torch.contiguous_format)
-            _set_tensor(model, module_name, part)
-            done.add(module_name)
-        del tensor
+                part = part.clone(memory_format=torch.contiguous_format)  # own storage, not a slice of a fused one
+            out.append((module_name, part))
+        return out
+
+    needed = [info for info in infos if any(wanted.get(n) is info for n, _ in weight_map.plan(info.name, info.shape))]
+    # Reading and casting run on a few threads (page faults and copies release the GIL);
+    # at most `ahead` tensors are in flight, so the working set stays small.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    ahead = 2 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmport-load") as pool:
+        pending: deque[Future[list[tuple[str, torch.Tensor]]]] = deque()
+        for info in needed:
+            pending.append(pool.submit(materialise, info))
+            if len(pending) >= ahead:
+                for module_name, part in pending.popleft().result():
+                    _set_tensor(model, module_name, part)
+        while pending:
+            for module_name, part in pending.popleft().result():
+                _set_tensor(model, module_name, part)
 
     generator = torch.Generator(device=device)
     for module_name in skip:

@@ -46,7 +46,12 @@ class WeightSource(Protocol):
         ...
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        """Read one tensor (CPU). Each tensor is read at most once per load."""
+        """Read one tensor (CPU). Each tensor is read at most once per load, possibly from several threads.
+
+        A source may also define ``read_as(info, dtype)``: the loader then calls it with
+        the dtype floating tensors will be cast to, so the source can choose how to read
+        (zero-copy when no cast follows) or return the tensor already cast.
+        """
         ...
 
     def close(self) -> None:

@@ -33,7 +33,11 @@ class EagerAttention:
         value = repeat_kv(value, num_kv_groups)
         weights = torch.matmul(query, key.transpose(2, 3)) * scaling
         allowed = mask.to_bool(query.device)
-        weights = weights.masked_fill(~allowed, torch.finfo(weights.dtype).min)
+        # Added, not filled, as transformers does: the same values, and the same gradients for a
+        # query that sees no key at all (a left-padding position), whose uniform softmax passes
+        # gradient to its scores through the addition (masked_fill would block it).
+        bias = torch.zeros(allowed.shape, dtype=weights.dtype, device=weights.device)
+        weights = weights + bias.masked_fill_(~allowed, torch.finfo(weights.dtype).min)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
         if dropout:
             weights = F.dropout(weights, p=dropout, training=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,30 +27,31 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def _open(path: Path) -> Any:
-    """``safe_open`` reading each tensor with ``pread`` into its own memory where safetensors can.
-
-    Not memory-mapping keeps a load's resident memory at the loaded model's size when
-    tensors are cast (a mapping would keep every page read resident until closed), and
-    the model never depends on the checkpoint file staying unchanged on disk.
-    """
+def _open(path: Path, backend: str) -> Any:
     try:
-        return safe_open(str(path), framework="pt", backend="pread")
+        return safe_open(str(path), framework="pt", backend=backend)
     except TypeError:  # safetensors < 0.8 has no backend choice
         return safe_open(str(path), framework="pt")
 
 
 class SafetensorsSource:
-    """A safetensors checkpoint; headers are read on open, tensors on demand."""
+    """A safetensors checkpoint; headers are read on open, tensors on demand.
+
+    A tensor that keeps its dtype is memory-mapped (zero-copy, as transformers does);
+    one that will be cast is read with ``pread`` into its own memory, so the pages of
+    the original never stay resident and a load's memory stays at the model's size.
+    """
 
     def __init__(self, files: list[Path], index: Path | None) -> None:
         self.files = files
         self.index = index
         self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, Any] = {}  # pread
+        self._mapped: dict[Path, Any] = {}  # mmap, opened when first needed
+        self._lock = threading.Lock()
         for path in files:
             try:
-                self._handles[path] = self._stack.enter_context(_open(path))
+                self._handles[path] = self._stack.enter_context(_open(path, "pread"))
             except (SafetensorError, OSError) as exc:
                 self._stack.close()
                 raise CorruptWeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
@@ -73,8 +75,17 @@ class SafetensorsSource:
                 yield TensorInfo(name, path, shape, dtype)
 
     def read(self, info: TensorInfo) -> torch.Tensor:
+        return self.read_as(info, None)
+
+    def read_as(self, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
+        """Read ``info``, cast to ``dtype`` through ``pread`` if it differs, else memory-mapped."""
         try:
-            return self._handles[info.file].get_tensor(info.name)
+            if dtype is not None and dtype != info.dtype and info.dtype.is_floating_point:
+                return self._handles[info.file].get_tensor(info.name).to(dtype)
+            with self._lock:
+                if info.file not in self._mapped:
+                    self._mapped[info.file] = self._stack.enter_context(_open(info.file, "mmap"))
+            return self._mapped[info.file].get_tensor(info.name)
         except (SafetensorError, OSError) as exc:
             raise CorruptWeightsError(f"{info.file}: cannot read tensor {info.name!r}: {exc}") from exc
 

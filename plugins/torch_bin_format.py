@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,12 +81,14 @@ class TorchBinSource:
         self.files = files
         self.index = index
         self._current: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._lock = threading.Lock()
         self._expected = read_index(index) if index is not None else None
 
     def _state(self, path: Path) -> dict[str, torch.Tensor]:
-        if self._current is None or self._current[0] != path:
-            self._current = (path, load_bin(path))
-        return self._current[1]
+        with self._lock:
+            if self._current is None or self._current[0] != path:
+                self._current = (path, load_bin(path))
+            return self._current[1]
 
     def infos(self) -> Iterator[TensorInfo]:
         for path in self.files:

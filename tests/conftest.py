@@ -76,3 +76,49 @@ def save_hf_llama_random(
                 param.copy_(std * torch.randn(param.shape, generator=generator))
     model.to(dtype).save_pretrained(folder)
     return folder
+
+
+def randomize_parameters(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Fill every parameter of any transformers model with values large enough to matter, in place.
+
+    Weights of norm modules (class name containing ``Norm``) get normal(1, 0.1), biases
+    normal(0, 0.1), every other weight normal(0, ``std``). Architecture-agnostic
+    companion of :func:`save_hf_llama_random`. Returns ``model``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "Norm" in type(module).__name__
+            for attr, param in module.named_parameters(recurse=False):
+                noise = torch.randn(param.shape, generator=generator)
+                if is_norm and attr == "weight":
+                    param.copy_(1.0 + 0.1 * noise)
+                elif attr == "bias":
+                    param.copy_(0.1 * noise)
+                else:
+                    param.copy_(std * noise)
+    return model
+
+
+def save_hf(
+    folder: Path,
+    config: Any,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    std: float | None = 0.2,
+) -> Path:
+    """Save a transformers causal LM built from any transformers ``config`` to ``folder``; returns it.
+
+    The model class comes from ``transformers.AutoModelForCausalLM.from_config``. With
+    ``std`` set, parameters are randomised by :func:`randomize_parameters` (so parity
+    checks have teeth); with ``std=None`` transformers' own initialisation is kept.
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if std is not None:
+        randomize_parameters(model, seed=seed, std=std)
+    model.to(dtype).save_pretrained(folder)
+    return folder

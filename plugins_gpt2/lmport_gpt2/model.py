@@ -8,8 +8,10 @@ in one ``c_attn``; the weight map turns those into separate ``nn.Linear`` layers
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lmport.attention import AttentionKernel, AttentionMask, repeat_kv
 from lmport.modeling import MLP, Attention, DecoderLayer, DecoderModel, PreTrainedCausalLM
 from lmport.weights import Rename, Split, Transpose, WeightMap
 
@@ -45,6 +47,47 @@ def _weight_map() -> WeightMap:
         # Causal-mask buffers of old checkpoints: recomputed, never loaded.
         ignore=("transformer.h.*.attn.bias", "transformer.h.*.attn.masked_bias"),
     )
+
+
+class UpcastReorderedEager:
+    """The eager kernel as transformers runs it for ``reorder_and_upcast_attn=True``.
+
+    ``q @ k.T`` is computed in float32 with the scaling folded in (``baddbmm`` with
+    ``alpha``, autocast off), softmaxed in float32, then cast to the value dtype.
+    In fp16/bf16 this differs from the plain eager kernel (and avoids fp16
+    overflow of the scores), which is why the config flag exists. transformers
+    applies it to ``eager`` only; every other kernel ignores the flag.
+    """
+
+    name = "eager"
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        mask: AttentionMask,
+        scaling: float,
+        dropout: float,
+        num_kv_groups: int,
+    ) -> torch.Tensor:
+        key, value = repeat_kv(key, num_kv_groups), repeat_kv(value, num_kv_groups)
+        batch, heads, q_len, head_dim = query.shape
+        kv_len = key.shape[2]
+        with torch.autocast(query.device.type, enabled=False):
+            q = query.reshape(-1, q_len, head_dim).float()
+            k = key.transpose(-1, -2).reshape(-1, head_dim, kv_len).float()
+            empty = torch.empty(batch * heads, q_len, kv_len, dtype=torch.float32, device=query.device)
+            weights = torch.baddbmm(empty, q, k, beta=0, alpha=scaling).reshape(batch, heads, q_len, kv_len)
+        weights = weights.masked_fill(~mask.to_bool(query.device), torch.finfo(torch.float32).min)
+        weights = F.softmax(weights, dim=-1).to(value.dtype)
+        if dropout:
+            weights = F.dropout(weights, p=dropout, training=True)
+        return torch.matmul(weights, value).transpose(1, 2).contiguous()
+
+
+_UPCAST_REORDERED_EAGER = UpcastReorderedEager()
 
 
 class GPT2LMHeadModel(PreTrainedCausalLM):
@@ -88,6 +131,13 @@ class GPT2LMHeadModel(PreTrainedCausalLM):
             embed_dropout=config.embd_pdrop,
         )
         super().__init__(config, model)
+
+    def set_attention_kernel(self, kernel: AttentionKernel) -> None:
+        """As the base, but ``eager`` + ``reorder_and_upcast_attn`` computes the scores in float32."""
+        super().set_attention_kernel(kernel)
+        if getattr(self.config, "reorder_and_upcast_attn", False) and getattr(kernel, "name", None) == "eager":
+            for layer in self.model.layers:
+                layer.self_attn.kernel = _UPCAST_REORDERED_EAGER
 
     def init_parameter(
         self, module: nn.Module, attr: str, tensor: torch.Tensor, generator: torch.Generator | None = None
