@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -27,31 +30,39 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def _open(path: Path, backend: str) -> Any:
-    try:
-        return safe_open(str(path), framework="pt", backend=backend)
-    except TypeError:  # safetensors < 0.8 has no backend choice
-        return safe_open(str(path), framework="pt")
+_CHUNK = 8 << 20  # bytes staged per read when casting
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Absolute file offset of every tensor's bytes (the header is validated by ``safe_open`` first)."""
+    with path.open("rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    return {k: base + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
 class SafetensorsSource:
     """A safetensors checkpoint; headers are read on open, tensors on demand.
 
-    A tensor that keeps its dtype is memory-mapped (zero-copy, as transformers does);
-    one that will be cast is read with ``pread`` into its own memory, so the pages of
-    the original never stay resident and a load's memory stays at the model's size.
+    A tensor that keeps its dtype is memory-mapped (zero-copy, as transformers does).
+    One that will be cast is read in small chunks through a per-thread staging buffer
+    and converted into its final tensor, so neither the original bytes nor a full-size
+    temporary ever stay resident: a load's memory is the loaded model's size.
     """
 
     def __init__(self, files: list[Path], index: Path | None) -> None:
         self.files = files
         self.index = index
         self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}  # pread
-        self._mapped: dict[Path, Any] = {}  # mmap, opened when first needed
+        self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
+        self._offsets: dict[Path, dict[str, int]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
         for path in files:
             try:
-                self._handles[path] = self._stack.enter_context(_open(path, "pread"))
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
             except (SafetensorError, OSError) as exc:
                 self._stack.close()
                 raise CorruptWeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
@@ -65,7 +76,7 @@ class SafetensorsSource:
 
     def infos(self) -> Iterator[TensorInfo]:
         for path, handle in self._handles.items():
-            for name in handle.keys():
+            for name in handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys():
                 try:
                     sl = handle.get_slice(name)
                     dtype = _DTYPES[sl.get_dtype()]
@@ -78,18 +89,40 @@ class SafetensorsSource:
         return self.read_as(info, None)
 
     def read_as(self, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
-        """Read ``info``, cast to ``dtype`` through ``pread`` if it differs, else memory-mapped."""
+        """Read ``info``: cast to ``dtype`` (staged) if it is floating and differs, else memory-mapped."""
         try:
             if dtype is not None and dtype != info.dtype and info.dtype.is_floating_point:
-                return self._handles[info.file].get_tensor(info.name).to(dtype)
-            with self._lock:
-                if info.file not in self._mapped:
-                    self._mapped[info.file] = self._stack.enter_context(_open(info.file, "mmap"))
-            return self._mapped[info.file].get_tensor(info.name)
+                return self._read_cast(info, dtype)
+            return self._handles[info.file].get_tensor(info.name)
         except (SafetensorError, OSError) as exc:
             raise CorruptWeightsError(f"{info.file}: cannot read tensor {info.name!r}: {exc}") from exc
 
+    def _read_cast(self, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            if info.file not in self._fds:
+                self._offsets[info.file] = _data_offsets(info.file)
+                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        fd, start = self._fds[info.file], self._offsets[info.file][info.name]
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = torch.empty(_CHUNK, dtype=torch.uint8)
+        out = torch.empty(info.shape, dtype=dtype)
+        flat = out.view(-1)
+        itemsize = info.dtype.itemsize
+        nbytes = flat.numel() * itemsize
+        done = 0
+        while done < nbytes:
+            n = min(_CHUNK, nbytes - done)
+            if os.preadv(fd, [staging[:n].numpy()], start + done) != n:
+                raise CorruptWeightsError(f"{info.file}: tensor {info.name!r} ends past the end of the file")
+            flat[done // itemsize : (done + n) // itemsize].copy_(staging[:n].view(info.dtype))
+            done += n
+        return out
+
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._stack.close()
 
 
