@@ -1,0 +1,469 @@
+"""Numerical parity of lmport's Llama with transformers' LlamaForCausalLM on checkpoints transformers saved.
+
+The oracle is transformers itself, loading the very folder lmport loads. Checked:
+fp32 logits (max abs diff <= 1e-5), loss (labels with -100), every parameter's
+gradient (within 1e-5 of the reference gradient's largest entry, matched by name),
+for the ``eager`` and ``sdpa`` kernels, over config variants (every RoPE type in
+both the new ``rope_parameters`` and the legacy ``rope_scaling`` + ``rope_theta``
+spelling, GQA/MQA/MHA, tied embeddings, biases, a ``head_dim`` apart from
+``hidden_size // heads``), unpadded and padded (a left-padded row, whose first
+real token is predicted from a query that sees no key, and a right-padded one),
+with explicit ``position_ids`` and ``inputs_embeds``; bf16 checkpoints loaded with ``dtype="auto"``;
+``num_items_in_batch``, ``logits_to_keep`` and the output object; gradient
+checkpointing. Every lmport load also proves the checkpoint folder unchanged.
+
+Weights are random with std 0.2 and random norms/biases (``save_hf_llama_random``)
+so that attention is peaked and every parameter matters: with transformers' own
+std-0.02 init, attention is near uniform and a wrong RoPE barely moves the logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from conftest import save_hf_llama_random, tree_digest
+
+import lmport
+
+LOGITS_ATOL = 1e-5  # fp32, absolute (DESIGN.md)
+GRAD_RTOL = 1e-5  # fp32, relative to the reference gradient's largest magnitude, per parameter
+LOSS_TOL = 1e-6  # fp32, absolute and relative
+ATTENTION = ("eager", "sdpa")
+SEQ = 24  # > max_position_embeddings=16 of the dynamic cases, so dynamic NTK scaling kicks in
+SHORT = 8  # < 16: dynamic RoPE must fall back to its original frequencies
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Tiny matmuls: one intra-op thread is fastest, and immune to a loaded machine's thread contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+DYNAMIC = {"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "rope_theta": 500000.0,
+}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+YARN_TUNED = {
+    **YARN,
+    "beta_fast": 16.0,
+    "beta_slow": 2.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.5,
+    "truncate": False,
+}
+
+#: id -> (config overrides for transformers.LlamaConfig, whether RoPE differs from default/10000)
+NEW_FORM: dict[str, tuple[dict[str, Any], bool]] = {
+    "gqa": ({}, False),
+    "mha": ({"num_key_value_heads": 4}, False),
+    "mqa": ({"num_key_value_heads": 1}, False),
+    "tied": ({"tie_word_embeddings": True}, False),
+    "attention_bias": ({"attention_bias": True}, False),
+    "mlp_bias": ({"mlp_bias": True}, False),
+    "head_dim_32": ({"head_dim": 32}, False),
+    "head_dim_8_mha_tied_biases": (
+        {"head_dim": 8, "num_key_value_heads": 4, "tie_word_embeddings": True,
+         "attention_bias": True, "mlp_bias": True},  # fmt: skip
+        False,
+    ),
+    "rope_default_theta": ({"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}, True),
+    "rope_linear": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, True),
+    "rope_dynamic": ({"max_position_embeddings": 16, "rope_parameters": DYNAMIC}, True),
+    "rope_llama3": ({"rope_parameters": LLAMA3}, True),
+    "rope_yarn": ({"rope_parameters": YARN}, True),
+    "rope_yarn_tuned": ({"rope_parameters": YARN_TUNED}, True),
+    "rope_yarn_head_dim_32_tied": ({"rope_parameters": YARN, "head_dim": 32, "tie_word_embeddings": True}, True),
+}
+
+#: id -> (config overrides, legacy rope_scaling written into config.json, legacy rope_theta or None)
+LEGACY_FORM: dict[str, tuple[dict[str, Any], dict[str, Any] | None, float | None]] = {
+    "legacy_theta_only": ({}, None, 5000.0),
+    "legacy_linear_type_key": ({}, {"type": "linear", "factor": 2.0}, 5000.0),
+    "legacy_dynamic_type_key": ({"max_position_embeddings": 16}, {"type": "dynamic", "factor": 3.0}, 10000.0),
+    "legacy_dynamic_no_theta": ({"max_position_embeddings": 16}, {"rope_type": "dynamic", "factor": 2.0}, None),
+    "legacy_llama3": ({}, {k: v for k, v in LLAMA3.items() if k != "rope_theta"}, 500000.0),
+    "legacy_yarn": ({}, {k: v for k, v in YARN_TUNED.items() if k != "rope_theta"}, 20000.0),
+    "legacy_yarn_implicit_original": ({"max_position_embeddings": 16}, {"type": "yarn", "factor": 4.0}, 10000.0),
+}
+
+
+def write_legacy_rope(folder: Path, rope_scaling: dict[str, Any] | None, rope_theta: float | None) -> None:
+    """Rewrite ``config.json`` in the pre-``rope_parameters`` spelling (transformers <= 4.x)."""
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    raw.pop("rope_parameters", None)
+    raw["rope_scaling"] = rope_scaling
+    if rope_theta is not None:
+        raw["rope_theta"] = rope_theta
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def make_checkpoint(folder: Path, case: str, dtype: torch.dtype = torch.float32) -> tuple[Path, bool]:
+    """Save the checkpoint of ``case`` (a NEW_FORM or LEGACY_FORM id); returns (folder, rope_is_special)."""
+    if case in NEW_FORM:
+        overrides, special = NEW_FORM[case]
+        save_hf_llama_random(folder, dtype=dtype, **overrides)
+        raw = json.loads((folder / "config.json").read_text())
+        assert "rope_scaling" not in raw and "rope_parameters" in raw  # really the new form
+        return folder, special
+    overrides, rope_scaling, rope_theta = LEGACY_FORM[case]
+    save_hf_llama_random(folder, dtype=dtype, **overrides)
+    write_legacy_rope(folder, rope_scaling, rope_theta)
+    return folder, True
+
+
+# --- loading and comparing ------------------------------------------------------------
+
+
+def load_lmport(folder: Path, **kwargs: Any) -> Any:
+    """lmport's model, asserting the load left every file of ``folder`` as it was."""
+    before = tree_digest(folder)
+    model = lmport.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    assert tree_digest(folder) == before, "loading changed the checkpoint folder"
+    return model
+
+
+def load_hf(folder: Path, **kwargs: Any) -> Any:
+    return transformers.LlamaForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def inputs(seq: int, seed: int = 0, padded: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of two: labels with -100 entries; ``padded`` left-pads the first row, right-pads the second."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (2, seq), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, seq // 2 : seq // 2 + 2] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    if padded:
+        mask = torch.ones(2, seq, dtype=torch.long)
+        mask[0, :3] = 0
+        mask[1, seq - 5 :] = 0
+        labels[mask == 0] = -100
+        batch["attention_mask"] = mask
+    return batch
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    if mask is not None:  # padded positions are don't-care in both libraries
+        ours, ref = ours[mask.bool()], ref[mask.bool()]
+    diff = (ours.float() - ref.float()).abs().max().item()
+    assert diff <= LOGITS_ATOL, f"logits differ by {diff:.3g} (> {LOGITS_ATOL})"
+
+
+def assert_loss_equal(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=LOSS_TOL, atol=LOSS_TOL)
+
+
+def grads(model: Any) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        out[name] = p.grad.detach().clone()
+    return out
+
+
+def assert_grads_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == ref.keys(), f"parameter names differ: {sorted(ours.keys() ^ ref.keys())}"
+    for name, g_ref in ref.items():
+        scale = g_ref.abs().max().item()
+        assert scale > 0, f"reference gradient of {name} is all zero: the check would be vacuous"
+        diff = (ours[name] - g_ref).abs().max().item()
+        assert diff <= GRAD_RTOL * scale, f"{name}: gradient differs by {diff:.3g} (scale {scale:.3g})"
+
+
+def loss_and_grads(
+    model: Any, batch: dict[str, torch.Tensor], **kwargs: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out.loss.detach(), grads(model)
+
+
+# --- 1. fp32 parity over config variants -------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("case", [*NEW_FORM, *LEGACY_FORM])
+def test_fp32_parity_logits_loss_grads(tmp_path: Path, case: str, attn: str) -> None:
+    folder, rope_special = make_checkpoint(tmp_path / "ckpt", case)
+    ref = load_hf(folder, attn_implementation=attn, dtype=torch.float32)
+    ours = load_lmport(folder, attn_implementation=attn)
+    assert ours.dtype == torch.float32
+    assert ours.attn_implementation == attn
+    assert not ours.training  # from_pretrained returns eval mode, as transformers does
+    assert ours.config.rope_parameters["rope_type"] == ref.config.rope_parameters["rope_type"]
+    assert ours.config.rope_parameters["rope_theta"] == ref.config.rope_parameters["rope_theta"]
+
+    # Inference: long (dynamic RoPE grows), short (falls back), long again, then padded.
+    long, short = inputs(SEQ, seed=1), inputs(SHORT, seed=2)
+    padded = inputs(SEQ, seed=3, padded=True)
+    with torch.no_grad():
+        for batch in (long, short, long):
+            assert_logits_close(ours(batch["input_ids"]).logits, ref(batch["input_ids"]).logits)
+        mask = padded["attention_mask"]
+        assert_logits_close(
+            ours(padded["input_ids"], attention_mask=mask).logits,
+            ref(padded["input_ids"], attention_mask=mask).logits,
+            mask,
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
+        assert_logits_close(
+            ours(padded["input_ids"], attention_mask=mask, position_ids=positions).logits,
+            ref(padded["input_ids"], attention_mask=mask, position_ids=positions).logits,
+            mask,
+        )
+        embeds = ref.model.embed_tokens(long["input_ids"])
+        assert_logits_close(ours(inputs_embeds=embeds).logits, ref(inputs_embeds=embeds).logits)
+
+        # The RoPE settings really are in effect (the parity above is not blind to them).
+        if rope_special:
+            plain = load_lmport(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+            moved = (plain(long["input_ids"]).logits - ours(long["input_ids"]).logits).abs().max().item()
+            assert moved > 1e-3, f"RoPE settings of {case} change nothing (max logit change {moved:.3g})"
+
+    # Training: loss and every gradient, unpadded and padded.
+    ours.train()
+    ref.train()
+    for batch in (long, padded):
+        loss_ours, grads_ours = loss_and_grads(ours, batch)
+        loss_ref, grads_ref = loss_and_grads(ref, batch)
+        assert_loss_equal(loss_ours, loss_ref)
+        assert_grads_close(grads_ours, grads_ref)
+    if ours.config.tie_word_embeddings:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+        assert "lm_head.weight" not in dict(ours.named_parameters())
+    else:
+        assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("case", ["rope_dynamic", "legacy_dynamic_type_key"])
+def test_dynamic_rope_grows_past_max_positions(tmp_path: Path, case: str) -> None:
+    """Dynamic NTK only differs from default past max_position_embeddings (16); then it must."""
+    folder, _ = make_checkpoint(tmp_path / "ckpt", case)
+    ours = load_lmport(folder)
+    plain = load_lmport(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    with torch.no_grad():
+        short = inputs(16)["input_ids"]
+        torch.testing.assert_close(ours(short).logits, plain(short).logits, rtol=0, atol=LOGITS_ATOL)
+        long = inputs(SEQ)["input_ids"]
+        assert (ours(long).logits - plain(long).logits).abs().max().item() > 1e-3
+
+
+# --- 2. bf16 -----------------------------------------------------------------------------
+
+# bf16 tolerance: 0 (logits, loss and gradients). lmport runs the same bf16 ops in the
+# same order as transformers (RMSNorm in fp32 then cast, rotary in the model dtype,
+# softmax in fp32 for eager, torch's SDPA for sdpa), so the results are bit-identical;
+# any difference at all would mean a different computation, which bf16 rounding
+# (8 bits of mantissa, ~0.4% relative) would then amplify through a fine-tune.
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("case", ["gqa", "head_dim_8_mha_tied_biases", "rope_llama3", "legacy_yarn"])
+@pytest.mark.parametrize("dtype_arg", ["auto", None], ids=["dtype_auto", "dtype_default"])
+def test_bf16_checkpoint_auto_dtype(tmp_path: Path, case: str, attn: str, dtype_arg: str | None) -> None:
+    folder, _ = make_checkpoint(tmp_path / "ckpt", case, dtype=torch.bfloat16)
+    kwargs: dict[str, Any] = {"attn_implementation": attn}
+    if dtype_arg is not None:
+        kwargs["dtype"] = dtype_arg
+    ref = load_hf(folder, **kwargs)
+    ours = load_lmport(folder, **kwargs)
+    assert ref.dtype == torch.bfloat16  # the oracle agrees the checkpoint is bf16
+    assert ours.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert ours.config.dtype == "bfloat16"
+    for batch in (inputs(SEQ, seed=1), inputs(SEQ, seed=3, padded=True)):
+        mask = batch.get("attention_mask")
+        with torch.no_grad():
+            out_ours = ours(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
+            out_ref = ref(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
+        assert out_ours.logits.dtype == torch.bfloat16
+        keep = mask.bool() if mask is not None else torch.ones(out_ref.logits.shape[:2], dtype=torch.bool)
+        assert torch.equal(out_ours.logits[keep], out_ref.logits[keep])
+        assert torch.equal(out_ours.loss, out_ref.loss)
+    # Training in bf16: the same bits for the loss and every gradient.
+    ours.train()
+    ref.train()
+    batch = inputs(SEQ, seed=3, padded=True)
+    loss_ours, grads_ours = loss_and_grads(ours, batch)
+    loss_ref, grads_ref = loss_and_grads(ref, batch)
+    assert torch.equal(loss_ours, loss_ref)
+    assert grads_ours.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        assert grads_ours[name].dtype == torch.bfloat16
+        assert torch.equal(grads_ours[name], g), name
+
+
+@pytest.mark.parametrize("key", ["torch_dtype", "absent"])
+def test_bf16_dtype_auto_from_legacy_or_missing_config_key(tmp_path: Path, key: str) -> None:
+    """transformers 4 wrote ``torch_dtype``; with no key at all "auto" falls back to the tensors' dtype."""
+    folder, _ = make_checkpoint(tmp_path / "ckpt", "gqa", dtype=torch.bfloat16)
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    value = raw.pop("dtype")
+    if key == "torch_dtype":
+        raw["torch_dtype"] = value
+    path.write_text(json.dumps(raw))
+    ref = load_hf(folder, dtype="auto")
+    ours = load_lmport(folder, dtype="auto")
+    assert ref.dtype == ours.dtype == torch.bfloat16
+    batch = inputs(SEQ)
+    with torch.no_grad():
+        assert torch.equal(ours(batch["input_ids"]).logits, ref(batch["input_ids"]).logits)
+
+
+def test_bf16_checkpoint_loaded_as_fp32_matches(tmp_path: Path) -> None:
+    """An explicit dtype wins over the checkpoint's: bf16 weights upcast exactly, fp32 parity holds."""
+    folder, _ = make_checkpoint(tmp_path / "ckpt", "gqa", dtype=torch.bfloat16)
+    ref = load_hf(folder, dtype=torch.float32)
+    ours = load_lmport(folder, dtype=torch.float32)
+    assert ours.dtype == torch.float32
+    batch = inputs(SEQ)
+    with torch.no_grad():
+        assert_logits_close(ours(batch["input_ids"]).logits, ref(batch["input_ids"]).logits)
+
+
+# --- 3. loss options, logits_to_keep, the output object -----------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Any, Any]:
+    folder, _ = make_checkpoint(tmp_path / "ckpt", "gqa")
+    return load_lmport(folder), load_hf(folder, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("n", [7, 100, "tensor"])
+def test_num_items_in_batch(pair: tuple[Any, Any], n: int | str) -> None:
+    ours, ref = pair
+    batch = inputs(SEQ)
+    items: int | torch.Tensor = torch.tensor(13) if n == "tensor" else n
+    count = int((batch["labels"][:, 1:] != -100).sum())  # targets the mean loss averages over
+    ours.train()
+    ref.train()
+    loss_ours, grads_ours = loss_and_grads(ours, batch, num_items_in_batch=items)
+    loss_ref, grads_ref = loss_and_grads(ref, batch, num_items_in_batch=items)
+    assert_loss_equal(loss_ours, loss_ref)
+    assert_grads_close(grads_ours, grads_ref)
+    # It was honoured: sum / n, not the mean.
+    with torch.no_grad():
+        mean = ours(**batch).loss
+    torch.testing.assert_close(loss_ours, mean * count / int(items), rtol=1e-5, atol=0)
+    assert abs(loss_ours.item() - mean.item()) > 1e-3
+
+
+@pytest.mark.parametrize("keep", [1, 5, "indices"])
+def test_logits_to_keep(pair: tuple[Any, Any], keep: int | str) -> None:
+    ours, ref = pair
+    ids = inputs(SEQ)["input_ids"]
+    to_keep: int | torch.Tensor = torch.tensor([0, 7, SEQ - 1]) if keep == "indices" else keep
+    with torch.no_grad():
+        full = ours(ids).logits
+        kept = ours(ids, logits_to_keep=to_keep).logits
+        kept_ref = ref(ids, logits_to_keep=to_keep).logits
+    assert_logits_close(kept, kept_ref)
+    expected = full[:, to_keep, :] if isinstance(to_keep, torch.Tensor) else full[:, -to_keep:, :]
+    assert kept.shape == (2, 3 if keep == "indices" else keep, 128)
+    assert_logits_close(kept, expected)
+    with torch.no_grad():
+        assert ours(ids, logits_to_keep=0).logits.shape == full.shape  # 0 keeps all, as in transformers
+
+
+def test_output_access(pair: tuple[Any, Any]) -> None:
+    ours, ref = pair
+    batch = inputs(SEQ)
+    with torch.no_grad():
+        out = ours(batch["input_ids"])
+        out_ref = ref(batch["input_ids"])
+    # No labels: no loss, and logits are the first field every way they can be read.
+    assert out.loss is None and "loss" not in out
+    assert out.logits is out["logits"] is out[0]
+    assert out.to_tuple()[0] is out.logits
+    assert_logits_close(out[0], out_ref[0])
+    with pytest.raises(KeyError):
+        out["loss"]
+    with pytest.raises(AttributeError):
+        out.not_a_field  # noqa: B018
+    # With labels the loss comes first, as in transformers.
+    with torch.no_grad():
+        out = ours(**batch)
+        out_ref = ref(**batch)
+    assert out.loss is out["loss"] is out[0]
+    assert out.logits is out["logits"] is out[1]
+    assert list(out.keys())[:2] == ["loss", "logits"]
+    assert_loss_equal(out[0], out_ref[0])
+    assert_logits_close(out[1], out_ref[1])
+    # Hidden states: embeddings plus one per layer (the last one normed), as transformers gives them.
+    with torch.no_grad():
+        out = ours(batch["input_ids"], output_hidden_states=True)
+        out_ref = ref(batch["input_ids"], output_hidden_states=True)
+    assert len(out.hidden_states) == len(out_ref.hidden_states) == 3
+    for h_ours, h_ref in zip(out.hidden_states, out_ref.hidden_states):
+        assert_logits_close(h_ours, h_ref)
+
+
+# --- 4. gradient checkpointing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_gradient_checkpointing_same_loss_and_grads(tmp_path: Path, attn: str, reentrant: bool) -> None:
+    folder, _ = make_checkpoint(tmp_path / "ckpt", "head_dim_8_mha_tied_biases")
+    ours = load_lmport(folder, attn_implementation=attn)
+    ref = load_hf(folder, attn_implementation=attn, dtype=torch.float32)
+    batch = inputs(SEQ, padded=True)
+    ours.train()
+    ref.train()
+    # Count the layer's forward runs (forward hooks do not fire on checkpoint recomputation).
+    layer = ours.model.layers[0]
+    calls: list[int] = []
+    layer_forward = layer.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return layer_forward(*args, **kwargs)
+
+    layer.forward = counting_forward
+
+    loss_plain, grads_plain = loss_and_grads(ours, batch)
+    assert len(calls) == 1
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert ours.is_gradient_checkpointing
+    calls.clear()
+    loss_ckpt, grads_ckpt = loss_and_grads(ours, batch)
+    assert len(calls) == 2, "the layer was not recomputed in backward: checkpointing is not active"
+
+    assert_loss_equal(loss_ckpt, loss_plain)
+    assert_grads_close(grads_ckpt, grads_plain)
+    # And both agree with transformers' checkpointed model.
+    ref.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    loss_ref, grads_ref = loss_and_grads(ref, batch)
+    assert_loss_equal(loss_ckpt, loss_ref)
+    assert_grads_close(grads_ckpt, grads_ref)
+
+    # Disabling turns recomputation off again.
+    ours.gradient_checkpointing_disable()
+    assert not ours.is_gradient_checkpointing
+    calls.clear()
+    loss_again, _ = loss_and_grads(ours, batch)
+    assert len(calls) == 1
+    assert_loss_equal(loss_again, loss_plain)
+    del layer.forward
