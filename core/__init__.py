@@ -21,6 +21,7 @@ from .errors import (
     LmportError,
     MissingShardError,
     MissingWeightsError,
+    OffloadError,
     PluginConflictError,
     PluginError,
     PluginImportError,
@@ -35,6 +36,7 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .hookspecs import hookimpl, hookspec
+from .quantization import BitsAndBytesConfig
 from .registry import get_registry
 from .weights import Rename, Split, Transpose, WeightMap
 
@@ -70,11 +72,13 @@ __all__ = [
     "AttentionMask",
     "AutoConfig",
     "AutoModelForCausalLM",
+    "BitsAndBytesConfig",
     "ConfigError",
     "CorruptWeightsError",
     "LmportError",
     "MissingShardError",
     "MissingWeightsError",
+    "OffloadError",
     "PluginConflictError",
     "PluginError",
     "PluginImportError",

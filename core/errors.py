@@ -98,3 +98,38 @@ class UnsupportedFeatureError(LmportError):
 
 class AttentionKernelError(UnsupportedFeatureError):
     """The requested attention kernel is unknown or cannot run here."""
+
+
+class OffloadError(LmportError):
+    """Weights to be offloaded to disk have no usable ``offload_folder``."""
+
+
+# --- the hub source (plugins/hub_source.py) -------------------------------------
+
+
+class HubError(SourceError):
+    """A Hugging Face Hub repository could not be resolved or downloaded."""
+
+
+class RepoNotFoundError(HubError):
+    """The name is neither a local folder nor a repository on the hub (HTTP 404)."""
+
+
+class AuthenticationError(HubError):
+    """The hub refused the request for lack of valid credentials (HTTP 401, or 403 without gating)."""
+
+
+class GatedRepoError(AuthenticationError):
+    """The repository is gated and this token has not been granted access."""
+
+
+class RevisionNotFoundError(HubError):
+    """The repository has no such branch, tag or commit."""
+
+
+class HubFileNotFoundError(HubError):
+    """A file the load needs is absent from the repository at the resolved commit."""
+
+
+class OfflineError(HubError):
+    """The files must come from the local cache (offline, ``local_files_only``, hub unreachable) and are not there."""

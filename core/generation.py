@@ -46,6 +46,26 @@ class GenerationMixin:
 
     config: Any
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        past_key_values: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The forward arguments of one decoding step (what peft and transformers-style loops call)."""
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids[:, seen:],
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": kwargs.get("use_cache", past_key_values is not None),
+        }
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            inputs["position_ids"] = position_ids[:, seen:]
+        return inputs
+
     @torch.no_grad()
     def generate(
         self,

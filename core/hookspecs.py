@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .attention import AttentionKernel
     from .config import PretrainedConfig
     from .options import LoadOptions, SourceOptions
+    from .placement import Placement, PlacementOptions
+    from .quantization import Quantizer
     from .weights import WeightMap, WeightSource
 
 PROJECT_NAME = "lmport"
@@ -119,6 +121,37 @@ def lmport_select_attention(
         does not serve this request. An implementation that is asked for by name
         but cannot run here raises :class:`~lmport.errors.AttentionKernelError`
         instead of returning ``None``. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_quantizer(quantization_config: Any, config: PretrainedConfig) -> Quantizer | None:
+    """Plan quantization applied while loading.
+
+    Args:
+        quantization_config: the ``quantization_config`` argument, already normalised
+            to :class:`~lmport.quantization.BitsAndBytesConfig` when it is bitsandbytes'.
+        config: the parsed model config.
+
+    Returns:
+        A :class:`~lmport.quantization.Quantizer`, or ``None`` when this plugin does not
+        serve ``quantization_config``. First result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_placement(device_map: Any, model: Any, dtype: torch.dtype, options: PlacementOptions) -> Placement | None:
+    """Plan where each tensor lands for a ``device_map`` that is not a single device.
+
+    Args:
+        device_map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or a
+            module-name → device dict (devices: an index, ``"cpu"``, ``"cuda:N"``, ``"disk"``).
+        model: the model, still on the meta device (sizes only).
+        dtype: the dtype weights are loaded in.
+        options: ``max_memory``, ``offload_folder``, ``offload_buffers``, whether quantized.
+
+    Returns:
+        A :class:`~lmport.placement.Placement`, or ``None`` to defer. First result wins.
     """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -31,6 +32,8 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .options import LoadOptions, SourceOptions
+from .placement import Placement, PlacementOptions, SingleDevice, is_single_device
+from .quantization import BitsAndBytesConfig, Quantizer
 from .registry import get_registry
 from .shards import add_variant
 from .weights import TensorInfo, WeightMap, WeightSource
@@ -44,11 +47,8 @@ IGNORED_ARGUMENTS = frozenset(
      "adapter_kwargs", "generation_config", "output_attentions", "output_hidden_states", "return_unused_kwargs",
      "_commit_hash"}
 )  # fmt: skip
-#: arguments of later capabilities (device maps with accelerate, bitsandbytes): refused clearly until served.
-NOT_YET_SUPPORTED = frozenset(
-    {"quantization_config", "max_memory", "offload_folder", "offload_buffers", "load_in_4bit", "load_in_8bit",
-     "gguf_file", "state_dict", "key_mapping", "adapter_name", "pretrained_model_name_or_path"}
-)  # fmt: skip
+#: transformers arguments this version does not serve: refused clearly rather than ignored.
+NOT_YET_SUPPORTED = frozenset({"gguf_file", "state_dict", "key_mapping", "adapter_name"})
 
 
 @dataclass
@@ -99,15 +99,6 @@ def resolve_device(device_map: Any) -> torch.device:
         device_map = device_map[""]
     if device_map is None:
         return torch.device("cpu")
-    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        raise UnsupportedFeatureError(
-            f"device_map={device_map!r} (placement across devices with accelerate) is not supported by this "
-            "lmport version; pass one device such as 'cpu' or 'cuda:0'"
-        )
-    if isinstance(device_map, dict):
-        raise UnsupportedFeatureError(
-            "a per-module device_map dict is not supported by this lmport version; pass one device"
-        )
     try:
         device = torch.device(device_map)
     except (RuntimeError, TypeError) as exc:
@@ -225,13 +216,15 @@ def load_weights(
     weight_map: WeightMap,
     *,
     dtype: torch.dtype,
-    device: torch.device,
+    placement: Placement,
+    quantizer: Quantizer | None = None,
     ignore_mismatched_sizes: bool = False,
 ) -> LoadReport:
     """Stream every checkpoint tensor into ``model`` (built on the meta device).
 
-    Each tensor is read once, mapped, cast to ``dtype`` (floating tensors only) on
-    ``device``, and assigned; nothing is initialised first.
+    Each tensor is read once, mapped, cast to ``dtype`` (floating tensors only),
+    and lands where ``placement`` says (a device, or the offload folder), quantized
+    on the way when ``quantizer`` claims it; nothing is initialised first.
     """
     report = LoadReport()
     expected = {name: (t.shape, t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
@@ -278,6 +271,9 @@ def load_weights(
         for module_name, part in weight_map.to_module(info.name, tensor):
             if module_name not in names:
                 continue
+            device = placement.device_for(module_name)
+            if device == "disk" or (quantizer is not None and quantizer.claims(module_name)):
+                device = torch.device("cpu")  # finished on the main thread: offloaded or quantized
             part = part.to(device=device, dtype=dtype if part.is_floating_point() else part.dtype)
             if not part.is_contiguous() or part.untyped_storage().nbytes() != part.numel() * part.element_size():
                 part = part.clone(memory_format=torch.contiguous_format)  # own storage, not a slice of a fused one
@@ -291,17 +287,31 @@ def load_weights(
     ahead = 2 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmport-load") as pool:
         pending: deque[Future[list[tuple[str, torch.Tensor]]]] = deque()
+
+        def land(future: Future[list[tuple[str, torch.Tensor]]]) -> None:
+            for module_name, part in future.result():
+                device = placement.device_for(module_name)
+                if device == "disk":
+                    placement.offload(module_name, part)
+                elif quantizer is not None and quantizer.claims(module_name):
+                    quantizer.materialize(model, module_name, part, torch.device(device))
+                else:
+                    _set_tensor(model, module_name, part)
+
         for info in needed:
             pending.append(pool.submit(materialise, info))
             if len(pending) >= ahead:
-                for module_name, part in pending.popleft().result():
-                    _set_tensor(model, module_name, part)
+                land(pending.popleft())
         while pending:
-            for module_name, part in pending.popleft().result():
-                _set_tensor(model, module_name, part)
+            land(pending.popleft())
 
-    generator = torch.Generator(device=device)
     for module_name in skip:
+        device = placement.device_for(module_name)
+        if device == "disk" or (quantizer is not None and quantizer.claims(module_name)):
+            raise UnsupportedFeatureError(
+                f"ignore_mismatched_sizes cannot re-initialise {module_name!r}: it is offloaded or quantized"
+            )
+        generator = torch.Generator(device=device)
         fresh = torch.empty(expected[module_name][0], dtype=dtype, device=device)
         owner_name, _, attr = module_name.rpartition(".")
         model.init_parameter(model.get_submodule(owner_name), attr, fresh, generator)
@@ -356,7 +366,23 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
         variant=variant,
         use_safetensors=use_safetensors,
     )
-    device = resolve_device(kwargs.pop("device_map", None))
+    device_map = kwargs.pop("device_map", None)
+    placement_options = PlacementOptions(
+        max_memory=kwargs.pop("max_memory", None),
+        offload_folder=_str_or_none(kwargs.pop("offload_folder", None)),
+        offload_buffers=bool(kwargs.pop("offload_buffers", False)),
+    )
+    quantization = _quantization_settings(
+        kwargs.pop("quantization_config", None), kwargs.pop("load_in_4bit", False), kwargs.pop("load_in_8bit", False)
+    )
+    if is_single_device(device_map):
+        placement: Placement = SingleDevice(resolve_device(device_map))
+        if placement_options.max_memory is not None or placement_options.offload_folder is not None:
+            warnings.warn(
+                "max_memory / offload_folder only apply with a device map such as device_map='auto'",
+                UserWarning,
+                stacklevel=3,
+            )
 
     for name in sorted(set(kwargs) & IGNORED_ARGUMENTS):
         warnings.warn(f"from_pretrained: {name} has no effect in lmport and is ignored", UserWarning, stacklevel=3)
@@ -395,17 +421,42 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     source = open_weights(folder, LoadOptions(variant=variant, use_safetensors=use_safetensors))
     try:
         target_dtype = resolve_dtype(dtype, config, list(source.infos()) if dtype in (None, "auto") else None)
-        requested = attn_implementation or config.extra.get("attn_implementation")
-        kernel = select_attention(requested, config, device, target_dtype)
         model = build_on_meta(model_class, config)
+        quantizer = None
+        if quantization is not None:
+            quantizer = registry.hook.lmport_quantizer(quantization_config=quantization, config=config)
+            if quantizer is None:
+                raise UnsupportedFeatureError(f"no installed plugin serves quantization_config={quantization!r}")
+            quantizer.prepare(model)
+        if not is_single_device(device_map):
+            options = dataclasses.replace(placement_options, quantized=quantizer is not None)
+            placement = registry.hook.lmport_placement(
+                device_map=device_map, model=model, dtype=target_dtype, options=options
+            )
+            if placement is None:
+                raise UnsupportedFeatureError(f"no installed plugin serves device_map={device_map!r}")
+        requested = attn_implementation or config.extra.get("attn_implementation")
+        kernel = select_attention(requested, config, placement.main_device, target_dtype)
         report = load_weights(
-            model, source, weight_map, dtype=target_dtype, device=device, ignore_mismatched_sizes=ignore_mismatched_sizes
+            model,
+            source,
+            weight_map,
+            dtype=target_dtype,
+            placement=placement,
+            quantizer=quantizer,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
         )
     finally:
         source.close()
-    model.init_buffers(device)
+    for name, module in model.named_modules():
+        if name and hasattr(module, "init_buffers"):
+            device = placement.device_for(name)
+            module.init_buffers(placement.main_device if device == "disk" else torch.device(device))
     model.tie_weights()
     model.set_attention_kernel(kernel)
+    if quantizer is not None:
+        quantizer.finalize(model)
+    placement.finalize(model)
     model.config.dtype = str(target_dtype).removeprefix("torch.")
     model.name_or_path = str(name_or_path)
     model.eval()
@@ -413,6 +464,26 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     if output_loading_info:
         return model, report.as_dict()
     return model
+
+
+def _quantization_settings(quantization_config: Any, load_in_4bit: bool, load_in_8bit: bool) -> Any:
+    """Normalise ``quantization_config`` and the legacy ``load_in_4bit``/``load_in_8bit`` shortcuts."""
+    if load_in_4bit or load_in_8bit:
+        if quantization_config is not None:
+            raise ArgumentError("pass either quantization_config or load_in_4bit/load_in_8bit, not both")
+        warnings.warn(
+            "load_in_4bit/load_in_8bit are deprecated shortcuts; pass quantization_config=BitsAndBytesConfig(...)",
+            FutureWarning,
+            stacklevel=4,
+        )
+        return BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    if quantization_config is None:
+        return None
+    if isinstance(quantization_config, BitsAndBytesConfig) or isinstance(quantization_config, dict) or (
+        type(quantization_config).__name__ == "BitsAndBytesConfig"
+    ):
+        return BitsAndBytesConfig.from_any(quantization_config)
+    return quantization_config  # another quantizer plugin's settings
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""Builtin capability plugins that core registers itself: sources, weight formats, attention kernels."""
+"""Builtin capability plugins that core registers itself: sources, weight formats, attention
+kernels, quantization (bitsandbytes) and device placement (accelerate)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,6 @@ from types import ModuleType
 
 def builtin_modules() -> list[ModuleType]:
     """The builtin plugin modules, in registration order (later ones are asked first)."""
-    from . import attention, local_source, safetensors_format, torch_bin_format
+    from . import accelerate_placement, attention, bnb_quantizer, local_source, safetensors_format, torch_bin_format
 
-    return [local_source, torch_bin_format, safetensors_format, attention]
+    return [local_source, torch_bin_format, safetensors_format, attention, bnb_quantizer, accelerate_placement]

@@ -225,17 +225,6 @@ def test_device_map_cuda_without_cuda(ckpt: Path, device_map: Any, monkeypatch: 
         load(ckpt, device_map=device_map)
 
 
-@pytest.mark.parametrize("device_map", ["auto", "balanced", "sequential"])
-def test_device_map_placement_strategies_not_yet_supported(ckpt: Path, device_map: str) -> None:
-    with raises(errors.UnsupportedFeatureError, f"device_map={device_map!r}", "not supported"):
-        load(ckpt, device_map=device_map)
-
-
-def test_device_map_per_module_dict_not_yet_supported(ckpt: Path) -> None:
-    with raises(errors.UnsupportedFeatureError, "device_map", "not supported"):
-        load(ckpt, device_map={"model": "cpu", "lm_head": "cpu"})
-
-
 def test_device_map_that_is_no_device(ckpt: Path) -> None:
     with raises(errors.ArgumentError, "device_map", "'toaster'"):
         load(ckpt, device_map="toaster")
@@ -378,19 +367,6 @@ def test_ignored_transformers_argument_warns_and_loads(ckpt: Path) -> None:
     state = model.state_dict()
     for name, tensor in load_file(str(ckpt / ST)).items():
         assert torch.equal(state[name], tensor), name
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("load_in_4bit", True),
-        ("load_in_8bit", True),
-        ("quantization_config", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
-    ],
-)
-def test_quantization_not_yet_supported(ckpt: Path, name: str, value: Any) -> None:
-    with raises(errors.UnsupportedFeatureError, name, "not supported"):
-        load(ckpt, **{name: value})
 
 
 def test_quantization_flags_set_false_are_accepted(ckpt: Path) -> None:

@@ -11,7 +11,9 @@ class ModelOutput(OrderedDict):
 
     fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, mapping: Any = None, /, **kwargs: Any) -> None:
+        if mapping is not None:  # dict(...)-style construction, as accelerate's device hooks rebuild outputs
+            kwargs = {**dict(mapping), **kwargs}
         unknown = set(kwargs) - set(self.fields)
         if unknown:
             raise TypeError(f"{type(self).__name__} has no fields {sorted(unknown)}")
