@@ -30,8 +30,7 @@ Usage::
     python benchmarks/load.py --json out.json
 
 A preset is plain data (see :data:`PRESETS`): a ``model_type``, the config fields
-and the transformers classes that build and save it. Adding one (a GPT-2-small
-preset once the gpt2 plugin exists) is one entry in that dict.
+and the transformers classes that build and save it. Adding one is one entry in that dict.
 
 The parent process imports neither torch nor either library: it only orchestrates.
 """
@@ -140,8 +139,21 @@ PRESETS: dict[str, Preset] = {
         model_class="transformers.LlamaForCausalLM",
         description="smoke-test Llama (4.2M params, ~8 MB), bf16",
     ),
-    # "gpt2-small": Preset(model_type="gpt2", config={...}, config_class="transformers.GPT2Config",
-    #                      model_class="transformers.GPT2LMHeadModel", ...)  -- once lmport-gpt2 exists
+    "gpt2-small": Preset(
+        model_type="gpt2",
+        config={
+            "vocab_size": 50257,
+            "n_embd": 768,
+            "n_layer": 12,
+            "n_head": 12,
+            "n_positions": 1024,
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+        },
+        config_class="transformers.GPT2Config",
+        model_class="transformers.GPT2LMHeadModel",
+        description="GPT-2 small shape (124M params, tied head), bf16",
+    ),
 }
 
 

@@ -15,6 +15,13 @@ from .auto import AutoConfig, AutoModelForCausalLM
 from .config import PretrainedConfig
 from .errors import (
     ArgumentError,
+    AuthenticationError,
+    GatedRepoError,
+    HubError,
+    HubFileNotFoundError,
+    OfflineError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
     AttentionKernelError,
     ConfigError,
     CorruptWeightsError,
@@ -67,6 +74,13 @@ def unregister(plugin: Any) -> None:
 __all__ = [
     "Architecture",
     "ArgumentError",
+    "AuthenticationError",
+    "GatedRepoError",
+    "HubError",
+    "HubFileNotFoundError",
+    "OfflineError",
+    "RepoNotFoundError",
+    "RevisionNotFoundError",
     "AttentionKernel",
     "AttentionKernelError",
     "AttentionMask",

@@ -30,7 +30,7 @@ class AutoConfig:
         source = {k: kwargs.pop(k) for k in source_keys if k in kwargs}
         if "cache_dir" in source and source["cache_dir"] is not None:
             source["cache_dir"] = os.fspath(source["cache_dir"])
-        folder = resolve_folder(name_or_path, SourceOptions(**source))
+        folder = resolve_folder(name_or_path, SourceOptions(**source, config_only=True))
         trust = kwargs.pop("trust_remote_code", None)
         plugin = kwargs.pop("plugin", None)
         config = load_config(folder, plugin=plugin, trust_remote_code=trust)

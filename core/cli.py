@@ -47,7 +47,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-BUILTIN_PLUGINS = ["local-source", "safetensors-format", "torch-bin-format", "attention:eager,sdpa"]
+BUILTIN_PLUGINS = [
+    "local-source",
+    "hub-source",
+    "safetensors-format",
+    "torch-bin-format",
+    "attention:eager,sdpa,flash_attention_2",
+    "bitsandbytes-quantizer",
+    "accelerate-placement",
+]
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -57,7 +65,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .options import LoadOptions, SourceOptions
     from .weights import dtype_bytes
 
-    folder = resolve_folder(args.path, SourceOptions(subfolder=args.subfolder or ""))
+    folder = resolve_folder(
+        args.path, SourceOptions(subfolder=args.subfolder or "", revision=args.revision, cache_dir=args.cache_dir)
+    )
     config = load_config(folder)
     registry = get_registry()
     model_class = registry.hook.lmport_resolve_model_class(config=config)
@@ -174,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a checkpoint folder")
     p.add_argument("path")
     p.add_argument("--subfolder")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) for a repo id")
+    p.add_argument("--cache-dir", help="Hugging Face cache folder for a repo id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("demo", help="offline: tiny checkpoints → load via plugins → fine-tune → save → reload")

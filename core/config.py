@@ -118,6 +118,22 @@ class PretrainedConfig:
         return config
 
     @classmethod
+    def from_pretrained(cls: type[C], name_or_path: str | os.PathLike[str], **kwargs: Any) -> C:
+        """A checkpoint's config, as transformers' config classes offer it (peft calls this).
+
+        Takes the arguments of :meth:`lmport.AutoConfig.from_pretrained`; the checkpoint's
+        ``model_type`` must be this class's (any type on the base class).
+        """
+        from .auto import AutoConfig
+
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        if not isinstance(config, cls):
+            raise ConfigError(
+                f"{name_or_path}: its config is a {type(config).__name__} ({config.model_type!r}), not a {cls.__name__}"
+            )
+        return config
+
+    @classmethod
     def _upgrade_legacy(cls, raw: dict[str, Any]) -> dict[str, Any]:
         """Rewrite older spellings of fields into current ones (subclasses extend)."""
         if "dtype" not in raw and "torch_dtype" in raw:

@@ -18,6 +18,8 @@ class SourceOptions:
     proxies: dict[str, str] | None = None
     variant: str | None = None
     use_safetensors: bool | None = None
+    #: Only ``config.json`` is needed (``AutoConfig``): a source need not fetch weights.
+    config_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ class BitsAndBytesConfig:
         if not isinstance(value, dict):
             raise ArgumentError(f"quantization_config must be a BitsAndBytesConfig or a dict, got {type(value).__name__}")
         method = value.get("quant_method", cls.quant_method)
-        if str(method).removeprefix("QuantizationMethod.").lower() not in ("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"):
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod is a str Enum
+        if str(method).lower() not in ("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"):
             raise ArgumentError(f"quantization method {method!r} is not supported; only bitsandbytes is")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in value.items() if k in names})

@@ -42,11 +42,8 @@ def resolve_inside(folder: Path, relative: str, referrer: Path) -> Path:
         raise UnsafePathError(f"{referrer}: shard path {relative!r} escapes the checkpoint folder {folder}")
     root = folder.resolve()
     target = (folder / relative).resolve()
-    if root in target.parents:
-        return target
-    blobs = _hub_blobs(folder)
-    if blobs is not None and blobs in target.parents:
-        return target
+    if root in target.parents or ((blobs := _hub_blobs(folder)) is not None and blobs in target.parents):
+        return folder / relative  # the name as the checkpoint gives it (a cache link, not its blob)
     raise UnsafePathError(
         f"{referrer}: shard path {relative!r} is a link to {target}, outside the checkpoint folder {folder}"
     )

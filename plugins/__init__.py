@@ -9,5 +9,7 @@ from types import ModuleType
 def builtin_modules() -> list[ModuleType]:
     """The builtin plugin modules, in registration order (later ones are asked first)."""
     from . import accelerate_placement, attention, bnb_quantizer, local_source, safetensors_format, torch_bin_format
+    from . import hub_source  # both sources are trylast: local_source, registered later, is asked first
 
-    return [local_source, torch_bin_format, safetensors_format, attention, bnb_quantizer, accelerate_placement]
+    return [hub_source, local_source, torch_bin_format, safetensors_format, attention, bnb_quantizer,
+            accelerate_placement]  # fmt: skip

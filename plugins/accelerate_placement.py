@@ -67,7 +67,9 @@ class AcceleratePlacement:
             plan = dict(device_map)
         self.device_map: dict[str, Any] = plan
         self._devices = {k: _device(v) for k, v in plan.items()}
-        names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        # Parameters and persistent buffers: non-persistent ones (rotary tables) are never loaded; they
+        # are computed on their module's device, or the main device where the map does not name it.
+        names = list(model.state_dict(keep_vars=True))
         uncovered = [n for n in names if self._lookup(n) is None]
         if uncovered:
             raise ArgumentError(f"device_map does not place {len(uncovered)} tensor(s), e.g. {uncovered[:4]}")
@@ -81,6 +83,15 @@ class AcceleratePlacement:
             )
         self.offload_folder: Path | None = None
         self.index: dict[str, Any] = {}
+        # Tied parameters (GPT-2's head shares the embedding): the loader fills only the source.
+        # accelerate's hooks fetch an offloaded module's weights by that module's own names, so a
+        # tied target needs its own offload entry, or its own copy when only the source is offloaded.
+        tied_names = model.tied_parameter_names() if hasattr(model, "tied_parameter_names") else set()
+        self._tied: dict[str, list[str]] = {}  # source -> tied targets
+        for target, source in getattr(model, "tied_weights", {}).items():
+            if target in tied_names:
+                self._tied.setdefault(source, []).append(target)
+        self._tied_copies: dict[str, torch.Tensor] = {}  # in-memory targets of disk-offloaded sources
         if "disk" in used:
             if options.offload_folder is None:
                 raise OffloadError(
@@ -103,8 +114,25 @@ class AcceleratePlacement:
     def offload(self, name: str, tensor: torch.Tensor) -> None:
         assert self.offload_folder is not None
         self.utils.offload_weight(tensor, name, str(self.offload_folder), index=self.index)
+        for target in self._tied.get(name, ()):
+            device = self.device_for(target)
+            if device == "disk":
+                self.utils.offload_weight(tensor, target, str(self.offload_folder), index=self.index)
+            else:
+                self._tied_copies[target] = tensor.to(device, copy=True)
 
     def finalize(self, model: nn.Module) -> None:
+        for source, targets in self._tied.items():
+            for target in targets:
+                if target in self._tied_copies:  # tie_weights() gave it the offloaded source's meta placeholder
+                    owner_name, _, attr = target.rpartition(".")
+                    old = model.get_parameter(target)
+                    setattr(model.get_submodule(owner_name), attr,
+                            nn.Parameter(self._tied_copies.pop(target), requires_grad=old.requires_grad))  # fmt: skip
+                elif self.device_for(target) == "disk" and target not in self.index:  # source kept in memory
+                    assert self.offload_folder is not None
+                    weight = model.get_parameter(source).detach()
+                    self.utils.offload_weight(weight, target, str(self.offload_folder), index=self.index)
         if self.offload_folder is not None:
             self.utils.save_offload_index(self.index, str(self.offload_folder))
         model.hf_device_map = self.device_map
@@ -112,7 +140,9 @@ class AcceleratePlacement:
             self.accelerate.dispatch_model(
                 model,
                 device_map=self.device_map,
-                main_device=self.main_device,
+                # accelerate compares main_device with the string "cpu": given torch.device("cpu") it
+                # would treat every cpu-placed module as offloaded (weights on meta, copied in per call).
+                main_device="cpu" if self.main_device.type == "cpu" else self.main_device,
                 offload_dir=os.fspath(self.offload_folder) if self.offload_folder else None,
                 offload_index=self.index or None,
                 offload_buffers=False,
