@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import warnings
@@ -263,10 +264,22 @@ def load_weights(
         )
 
     read_as = getattr(source, "read_as", None)
+    try:
+        takes_transient = read_as is not None and "transient" in inspect.signature(read_as).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        takes_transient = False
+
+    def consumed(module_name: str) -> bool:  # quantized or offloaded as it lands, then dropped
+        return placement.device_for(module_name) == "disk" or (quantizer is not None and quantizer.claims(module_name))
 
     def materialise(info: TensorInfo) -> list[tuple[str, torch.Tensor]]:
         names = {n for n, _ in weight_map.plan(info.name, info.shape) if wanted.get(n) is info}
-        tensor = read_as(info, dtype) if read_as is not None else source.read(info)
+        if read_as is None:
+            tensor = source.read(info)
+        elif takes_transient and all(consumed(n) for n in names):
+            tensor = read_as(info, dtype, transient=True)
+        else:
+            tensor = read_as(info, dtype)
         out = []
         for module_name, part in weight_map.to_module(info.name, tensor):
             if module_name not in names:

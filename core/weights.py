@@ -50,7 +50,11 @@ class WeightSource(Protocol):
 
         A source may also define ``read_as(info, dtype)``: the loader then calls it with
         the dtype floating tensors will be cast to, so the source can choose how to read
-        (zero-copy when no cast follows) or return the tensor already cast.
+        (zero-copy when no cast follows) or return the tensor already cast. If it also
+        takes a keyword ``transient``, the loader passes ``transient=True`` for tensors it
+        consumes at once and drops (quantized or offloaded to disk): read those into
+        memory of their own rather than as views into a file mapping, whose pages would
+        stay counted in the process's RSS for as long as the file is mapped.
         """
         ...
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import struct
 import threading
@@ -31,6 +33,21 @@ _DTYPES = {
 
 
 _CHUNK = 8 << 20  # bytes staged per read when casting
+
+
+def _transient_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in an anonymous mapping of its own, unmapped as soon as it is dropped.
+
+    For tensors the loader consumes at once (quantized, offloaded): from malloc, these
+    short-lived buffers of many sizes would interleave with the long-lived results in
+    glibc's heaps, which then keep the freed memory (hundreds of MB over a 1B-parameter
+    4-bit load) instead of returning it.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # pragma: no cover - not POSIX
+        return torch.empty(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 def _data_offsets(path: Path) -> dict[str, int]:
@@ -88,28 +105,43 @@ class SafetensorsSource:
     def read(self, info: TensorInfo) -> torch.Tensor:
         return self.read_as(info, None)
 
-    def read_as(self, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
-        """Read ``info``: cast to ``dtype`` (staged) if it is floating and differs, else memory-mapped."""
+    def read_as(self, info: TensorInfo, dtype: torch.dtype | None, *, transient: bool = False) -> torch.Tensor:
+        """Read ``info``: cast to ``dtype`` (staged) if it is floating and differs, else memory-mapped.
+
+        A ``transient`` tensor (quantized or offloaded, then dropped) is read with ``pread``
+        into a buffer of its own even without a cast, so none of the file's pages are mapped
+        into the process for it.
+        """
         try:
-            if dtype is not None and dtype != info.dtype and info.dtype.is_floating_point:
-                return self._read_cast(info, dtype)
+            target = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+            if target != info.dtype or transient:
+                return self._read_cast(info, target, transient=transient)
             return self._handles[info.file].get_tensor(info.name)
         except (SafetensorError, OSError) as exc:
             raise CorruptWeightsError(f"{info.file}: cannot read tensor {info.name!r}: {exc}") from exc
 
-    def _read_cast(self, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    def _read_cast(self, info: TensorInfo, dtype: torch.dtype, *, transient: bool = False) -> torch.Tensor:
         with self._lock:
             if info.file not in self._fds:
                 self._offsets[info.file] = _data_offsets(info.file)
                 self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         fd, start = self._fds[info.file], self._offsets[info.file][info.name]
-        staging = getattr(self._local, "staging", None)
-        if staging is None:
-            staging = self._local.staging = torch.empty(_CHUNK, dtype=torch.uint8)
-        out = torch.empty(info.shape, dtype=dtype)
+        out = _transient_tensor(info.shape, dtype) if transient else torch.empty(info.shape, dtype=dtype)
         flat = out.view(-1)
         itemsize = info.dtype.itemsize
         nbytes = flat.numel() * itemsize
+        if dtype == info.dtype:  # no cast: read straight into the tensor
+            target = flat.view(torch.uint8).numpy()
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [target[done:]], start + done)
+                if n <= 0:
+                    raise CorruptWeightsError(f"{info.file}: tensor {info.name!r} ends past the end of the file")
+                done += n
+            return out
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = torch.empty(_CHUNK, dtype=torch.uint8)
         done = 0
         while done < nbytes:
             n = min(_CHUNK, nbytes - done)
