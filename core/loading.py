@@ -269,14 +269,20 @@ def load_weights(
     except (TypeError, ValueError):  # no introspectable signature
         takes_transient = False
 
-    def consumed(module_name: str) -> bool:  # quantized or offloaded as it lands, then dropped
-        return placement.device_for(module_name) == "disk" or (quantizer is not None and quantizer.claims(module_name))
+    def consumed(module_name: str) -> bool:
+        """Whether the read tensor is dropped once used: quantized, offloaded, or copied to another device."""
+        device = placement.device_for(module_name)
+        if device == "disk" or (quantizer is not None and quantizer.claims(module_name)):
+            return True
+        return torch.device(device).type != "cpu"
 
     def materialise(info: TensorInfo) -> list[tuple[str, torch.Tensor]]:
         names = {n for n, _ in weight_map.plan(info.name, info.shape) if wanted.get(n) is info}
         if read_as is None:
             tensor = source.read(info)
-        elif takes_transient and all(consumed(n) for n in names):
+        elif takes_transient and (weight_map.rewrites_layout(info.name) or all(consumed(n) for n in names)):
+            # Only copies of it are kept (transposed, split, quantized, moved): read it into memory
+            # that is released as soon as it is dropped, not into a view of the mapped file.
             tensor = read_as(info, dtype, transient=True)
         else:
             tensor = read_as(info, dtype)

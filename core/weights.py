@@ -184,6 +184,16 @@ class WeightMap:
     def _transposed(self, module_name: str) -> bool:
         return any(match(t.module, module_name) is not None for t in self.transpose)
 
+    def rewrites_layout(self, checkpoint_name: str) -> bool:
+        """Whether loading ``checkpoint_name`` splits or transposes it (its module tensors are copies)."""
+        if self.ignored(checkpoint_name):
+            return False
+        name = self.to_module_name(checkpoint_name)
+        found = self._split_for(name)
+        if found is not None:
+            return True
+        return self._transposed(name)
+
     def plan(self, checkpoint_name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
         """The module tensors (name, shape) that ``checkpoint_name`` becomes; [] if ignored."""
         if self.ignored(checkpoint_name):
