@@ -220,17 +220,19 @@ def load_weights(
     placement: Placement,
     quantizer: Quantizer | None = None,
     ignore_mismatched_sizes: bool = False,
+    infos: list[TensorInfo] | None = None,
 ) -> LoadReport:
     """Stream every checkpoint tensor into ``model`` (built on the meta device).
 
     Each tensor is read once, mapped, cast to ``dtype`` (floating tensors only),
     and lands where ``placement`` says (a device, or the offload folder), quantized
-    on the way when ``quantizer`` claims it; nothing is initialised first.
+    on the way when ``quantizer`` claims it; nothing is initialised first. ``infos``
+    is ``source.infos()`` when the caller has listed them already.
     """
     report = LoadReport()
     expected = {name: (t.shape, t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
     tied = model.tied_parameter_names()
-    infos = list(source.infos())
+    infos = list(source.infos()) if infos is None else infos
 
     wanted: dict[str, TensorInfo] = {}  # module name -> where it comes from
     skip: set[str] = set()
@@ -439,7 +441,8 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
 
     source = open_weights(folder, LoadOptions(variant=variant, use_safetensors=use_safetensors))
     try:
-        target_dtype = resolve_dtype(dtype, config, list(source.infos()) if dtype in (None, "auto") else None)
+        infos = list(source.infos())
+        target_dtype = resolve_dtype(dtype, config, infos)
         model = build_on_meta(model_class, config)
         quantizer = None
         if quantization is not None:
@@ -464,6 +467,7 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
             placement=placement,
             quantizer=quantizer,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            infos=infos,
         )
     finally:
         source.close()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from .errors import ArgumentError
+from .errors import ArgumentError, UnsupportedFeatureError
 from .shards import add_variant
 
 if TYPE_CHECKING:
@@ -69,6 +69,12 @@ def save_model(
     from .registry import get_registry
 
     limit = parse_size(max_shard_size)
+    if getattr(model, "is_quantized", False):
+        raise UnsupportedFeatureError(
+            f"save_pretrained: {type(model).__name__} is quantized ({model.quantization_method}); saving quantized "
+            "weights is not supported. Save the peft adapter (peft_model.save_pretrained), or load the base "
+            "model unquantized, merge, and save that."
+        )
     if not is_main_process:
         return folder
     if folder.exists() and not folder.is_dir():
