@@ -20,6 +20,31 @@ TINY_LLAMA: dict[str, Any] = dict(
     max_position_embeddings=64,
 )
 
+TINY_GPT2: dict[str, Any] = dict(
+    vocab_size=128,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=64,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
+
+WINDOW = 4  # the sliding window of the tiny Mistral
+
+
+def tiny_configs(**tokens: Any) -> dict[str, Callable[[], Any]]:
+    """Architecture -> factory of a tiny transformers config: Llama, GPT-2, and Mistral with a window of
+    :data:`WINDOW`; ``tokens`` (bos/eos ids) are set in each."""
+    import transformers
+
+    return {
+        "llama": lambda: transformers.LlamaConfig(**TINY_LLAMA, **tokens),
+        "gpt2": lambda: transformers.GPT2Config(**TINY_GPT2, **tokens),
+        "mistral": lambda: transformers.MistralConfig(**TINY_LLAMA, sliding_window=WINDOW, **tokens),
+    }
+
 
 def save_hf_llama(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Path:
     """Save a randomly initialised transformers LlamaForCausalLM to ``folder``; returns it."""

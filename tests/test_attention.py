@@ -38,13 +38,13 @@ repeats the key comparisons in float64 with std 0.2 at 1e-10.
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import importlib.util
 import json
 import logging
 import math
 import shutil
-import subprocess
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -53,8 +53,8 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
-from conftest import save_hf
+from conftest import WINDOW, save_hf, tiny_configs
+from helpers import LOGITS_ATOL, LOSS_TOL, MOVED, VOCAB, hf_model_cache, one_intraop_thread, pip_installed
 from transformers import DataCollatorWithFlattening
 
 import lmport
@@ -64,15 +64,10 @@ from lmport.cli import main as cli_main
 from lmport.loading import select_attention
 from lmport.plugins import flash_attention
 from lmport.plugins.attention import KERNELS as BUILTIN_KERNELS
-from lmport.registry import PLUGINS_GROUP, get_registry, reset_registry
+from lmport.registry import PLUGINS_GROUP, get_registry
 
-LOGITS_ATOL = 1e-5  # fp32, absolute (DESIGN.md)
-LOSS_TOL = 1e-6  # fp32, absolute and relative
 FP64_ATOL = 1e-10  # float64: what "mathematically equal" leaves
 STD = 0.1  # weight scale (see the module docstring)
-MOVED = 1e-3  # "this changed something": a logit moved by more than this
-VOCAB = 128
-WINDOW = 4
 REF = "reference_attention"
 REF_DIST = "lmport-refkernel-example"
 ARCHS = ("llama", "gpt2", "mistral")
@@ -80,20 +75,7 @@ HF_KERNELS = ("eager", "sdpa")  # the kernels transformers also has
 KERNEL_NAMES = ("eager", "sdpa", REF)
 FIXTURE = Path(__file__).parent / "fixtures" / "refkernel"
 
-HF_CONFIGS: dict[str, Callable[[], Any]] = {
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-    ),
-    "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=1,
-    ),
-    "mistral": lambda: transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=WINDOW, bos_token_id=0, eos_token_id=1,
-    ),
-}  # fmt: skip
+HF_CONFIGS: dict[str, Callable[[], Any]] = tiny_configs(bos_token_id=0, eos_token_id=1)
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -101,13 +83,7 @@ HF_CONFIGS: dict[str, Callable[[], Any]] = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads; on a busy machine their hand-offs cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    yield from one_intraop_thread()
 
 
 @pytest.fixture(scope="module")
@@ -119,38 +95,22 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def refkernel_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The fixture kernel package pip-installed (built from a copy) into a target folder put on sys.path."""
-    root = tmp_path_factory.mktemp("refkernel")
-    shutil.copytree(FIXTURE, root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    target = root / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(root / "src")],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    sys.path.insert(0, str(target))
-    reset_registry()
-    try:
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    with pip_installed(FIXTURE, tmp_path_factory.mktemp("refkernel"), "lmport_refkernel", ignore) as target:
         yield target
-    finally:
-        sys.path.remove(str(target))
-        for name in [m for m in sys.modules if m.startswith("lmport_refkernel")]:
-            del sys.modules[name]
-        reset_registry()
 
 
 @pytest.fixture(scope="module")
 def models(checkpoints: dict[str, Path], request: pytest.FixtureRequest) -> Callable[[str, str], Any]:
     """``models(arch, kernel)``: lmport's model of the checkpoint, loaded once per module (eval, fp32)."""
-    loaded: dict[tuple[str, str], Any] = {}
 
+    @functools.cache
     def get(arch: str, kernel: str) -> Any:
-        if (arch, kernel) not in loaded:
-            if kernel == REF:
-                request.getfixturevalue("refkernel_site")
-            model = lmport.AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation=kernel)
-            assert model.attn_implementation == kernel and not model.training
-            loaded[arch, kernel] = model
-        return loaded[arch, kernel]
+        if kernel == REF:
+            request.getfixturevalue("refkernel_site")
+        model = lmport.AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation=kernel)
+        assert model.attn_implementation == kernel and not model.training
+        return model
 
     return get
 
@@ -158,16 +118,7 @@ def models(checkpoints: dict[str, Path], request: pytest.FixtureRequest) -> Call
 @pytest.fixture(scope="module")
 def hf_models(checkpoints: dict[str, Path]) -> Callable[[str, str], Any]:
     """``hf_models(arch, attn)``: transformers' model of the same checkpoint (eval, fp32)."""
-    loaded: dict[tuple[str, str], Any] = {}
-
-    def get(arch: str, attn: str) -> Any:
-        if (arch, attn) not in loaded:
-            loaded[arch, attn] = transformers.AutoModelForCausalLM.from_pretrained(
-                checkpoints[arch], attn_implementation=attn, dtype=torch.float32
-            ).eval()
-        return loaded[arch, attn]
-
-    return get
+    return hf_model_cache(checkpoints)
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -15,52 +15,31 @@ shorter than prompt + continuation), random weights (``conftest.save_hf``):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import transformers
-from conftest import save_hf
+from conftest import save_hf, tiny_configs
+from helpers import ATTENTION, VOCAB, hf_model_cache, one_intraop_thread
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import lmport
 from lmport.generation import filter_logits
 
-VOCAB = 128
-WINDOW = 4
 EOS = 1  # in every config; the tests that must not stop on it pass eos_token_id explicitly
 PAD = 0
 ARCHS = ("llama", "gpt2", "mistral")
-ATTENTION = ("eager", "sdpa")
 NEW = 10
 
-HF_CONFIGS: dict[str, Callable[[], Any]] = {
-    "llama": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=EOS,
-    ),
-    "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=2, eos_token_id=EOS,
-    ),
-    "mistral": lambda: transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=WINDOW, bos_token_id=2, eos_token_id=EOS,
-    ),
-}  # fmt: skip
+HF_CONFIGS: dict[str, Callable[[], Any]] = tiny_configs(bos_token_id=2, eos_token_id=EOS)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads; on a busy machine their hand-offs cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    yield from one_intraop_thread()
 
 
 @pytest.fixture(scope="module")
@@ -71,29 +50,15 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def models(checkpoints: dict[str, Path]) -> Callable[[str, str], Any]:
     """``models(arch, attn)``: lmport's model, loaded once per module."""
-    loaded: dict[tuple[str, str], Any] = {}
-
-    def get(arch: str, attn: str) -> Any:
-        if (arch, attn) not in loaded:
-            loaded[arch, attn] = lmport.AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation=attn)
-        return loaded[arch, attn]
-
-    return get
+    return functools.cache(
+        lambda arch, attn: lmport.AutoModelForCausalLM.from_pretrained(checkpoints[arch], attn_implementation=attn)
+    )
 
 
 @pytest.fixture(scope="module")
 def hf_models(checkpoints: dict[str, Path]) -> Callable[[str, str], Any]:
     """``hf_models(arch, attn)``: transformers' model of the same checkpoint."""
-    loaded: dict[tuple[str, str], Any] = {}
-
-    def get(arch: str, attn: str) -> Any:
-        if (arch, attn) not in loaded:
-            loaded[arch, attn] = transformers.AutoModelForCausalLM.from_pretrained(
-                checkpoints[arch], attn_implementation=attn, dtype=torch.float32
-            ).eval()
-        return loaded[arch, attn]
-
-    return get
+    return hf_model_cache(checkpoints)
 
 
 def prompts(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -147,12 +147,10 @@ class FakeHub:
             repo_id = "/".join(parts[2:4])
             kind = parts[4] if len(parts) > 4 else "revision"  # /api/models/{repo} is revision "main"
             rev, rest = (parts[5] if len(parts) > 5 else "main"), parts[6:]
-            repo = self._check_repo(h, repo_id)
-            if repo is None:
+            found = self._check_commit(h, repo_id, rev)
+            if found is None:
                 return
-            sha = self._check_revision(h, repo, rev)
-            if sha is None:
-                return
+            repo, sha = found
             files = repo.commits[sha]
             if kind == "revision":
                 siblings = [{"rfilename": name} for name in sorted(files)]
@@ -165,12 +163,10 @@ class FakeHub:
             return self._error(h, 404, "EntryNotFound", "not served by this fake hub")
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-            repo = self._check_repo(h, repo_id)
-            if repo is None:
+            found = self._check_commit(h, repo_id, rev)
+            if found is None:
                 return
-            sha = self._check_revision(h, repo, rev)
-            if sha is None:
-                return
+            repo, sha = found
             content = repo.commits[sha].get(name)
             if content is None:
                 return self._error(h, 404, "EntryNotFound", f"{name} does not exist at {sha}", commit=sha)
@@ -203,6 +199,14 @@ class FakeHub:
         if sha is None:
             self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return sha
+
+    def _check_commit(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str) -> tuple[FakeRepo, str] | None:
+        """The repository and the commit ``rev`` names, both checked (an error is sent and None returned otherwise)."""
+        repo = self._check_repo(h, repo_id)
+        if repo is None:
+            return None
+        sha = self._check_revision(h, repo, rev)
+        return None if sha is None else (repo, sha)
 
     def _error(
         self, h: BaseHTTPRequestHandler, status: int, code: str, message: str, commit: str | None = None

@@ -23,28 +23,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
 import transformers
-from conftest import save_hf_llama_random, tree_digest
+from conftest import save_hf_llama_random
+from helpers import (
+    ATTENTION,
+    LOGITS_ATOL,
+    assert_bf16_parity,
+    assert_logits_close,
+    assert_loss_equal,
+    assert_padded_logits_close,
+    assert_same_training_step,
+    batch_of_two,
+    load_fp32_pair,
+    load_lmport,
+    loss_and_grads,
+    one_intraop_thread,
+)
 
-import lmport
-
-LOGITS_ATOL = 1e-5  # fp32, absolute (DESIGN.md)
-GRAD_RTOL = 1e-5  # fp32, relative to the reference gradient's largest magnitude, per parameter
-LOSS_TOL = 1e-6  # fp32, absolute and relative
-ATTENTION = ("eager", "sdpa")
 SEQ = 24  # > max_position_embeddings=16 of the dynamic cases, so dynamic NTK scaling kicks in
 SHORT = 8  # < 16: dynamic RoPE must fall back to its original frequencies
 
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:
-    """Tiny matmuls: one intra-op thread is fastest, and immune to a loaded machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_intraop_thread()
 
 
 # --- checkpoints -----------------------------------------------------------------------
@@ -131,71 +136,25 @@ def make_checkpoint(folder: Path, case: str, dtype: torch.dtype = torch.float32)
 # --- loading and comparing ------------------------------------------------------------
 
 
-def load_lmport(folder: Path, **kwargs: Any) -> Any:
-    """lmport's model, asserting the load left every file of ``folder`` as it was."""
-    before = tree_digest(folder)
-    model = lmport.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    assert tree_digest(folder) == before, "loading changed the checkpoint folder"
-    return model
-
-
 def load_hf(folder: Path, **kwargs: Any) -> Any:
     return transformers.LlamaForCausalLM.from_pretrained(folder, **kwargs)
 
 
 def inputs(seq: int, seed: int = 0, padded: bool = False) -> dict[str, torch.Tensor]:
     """A batch of two: labels with -100 entries; ``padded`` left-pads the first row, right-pads the second."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 128, (2, seq), generator=g)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    labels[1, seq // 2 : seq // 2 + 2] = -100
-    batch = {"input_ids": ids, "labels": labels}
-    if padded:
-        mask = torch.ones(2, seq, dtype=torch.long)
-        mask[0, :3] = 0
-        mask[1, seq - 5 :] = 0
-        labels[mask == 0] = -100
-        batch["attention_mask"] = mask
-    return batch
+    return batch_of_two(seq, seed, padded, left_pad=3)
 
 
-def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    if mask is not None:  # padded positions are don't-care in both libraries
-        ours, ref = ours[mask.bool()], ref[mask.bool()]
-    diff = (ours.float() - ref.float()).abs().max().item()
-    assert diff <= LOGITS_ATOL, f"logits differ by {diff:.3g} (> {LOGITS_ATOL})"
-
-
-def assert_loss_equal(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=LOSS_TOL, atol=LOSS_TOL)
-
-
-def grads(model: Any) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        out[name] = p.grad.detach().clone()
-    return out
+# lmport's Llama names its parameters as the checkpoint does: gradients are matched by name as they are.
 
 
 def assert_grads_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    assert ours.keys() == ref.keys(), f"parameter names differ: {sorted(ours.keys() ^ ref.keys())}"
-    for name, g_ref in ref.items():
-        scale = g_ref.abs().max().item()
-        assert scale > 0, f"reference gradient of {name} is all zero: the check would be vacuous"
-        diff = (ours[name] - g_ref).abs().max().item()
-        assert diff <= GRAD_RTOL * scale, f"{name}: gradient differs by {diff:.3g} (scale {scale:.3g})"
+    helpers.assert_grads_close(ours, ref, check_shapes=False)
 
 
-def loss_and_grads(
-    model: Any, batch: dict[str, torch.Tensor], **kwargs: Any
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    out = model(**batch, **kwargs)
-    out.loss.backward()
-    return out.loss.detach(), grads(model)
+def assert_same_step(ours: Any, ref: Any, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    """Equal losses and close gradients of one training step; returns lmport's loss."""
+    return assert_same_training_step(ours, ref, batch, checkpoint_names=False, check_shapes=False, **kwargs)
 
 
 # --- 1. fp32 parity over config variants -------------------------------------------------
@@ -205,11 +164,7 @@ def loss_and_grads(
 @pytest.mark.parametrize("case", [*NEW_FORM, *LEGACY_FORM])
 def test_fp32_parity_logits_loss_grads(tmp_path: Path, case: str, attn: str) -> None:
     folder, rope_special = make_checkpoint(tmp_path / "ckpt", case)
-    ref = load_hf(folder, attn_implementation=attn, dtype=torch.float32)
-    ours = load_lmport(folder, attn_implementation=attn)
-    assert ours.dtype == torch.float32
-    assert ours.attn_implementation == attn
-    assert not ours.training  # from_pretrained returns eval mode, as transformers does
+    ours, ref = load_fp32_pair(transformers.LlamaForCausalLM, folder, attn)
     assert ours.config.rope_parameters["rope_type"] == ref.config.rope_parameters["rope_type"]
     assert ours.config.rope_parameters["rope_theta"] == ref.config.rope_parameters["rope_theta"]
 
@@ -219,18 +174,10 @@ def test_fp32_parity_logits_loss_grads(tmp_path: Path, case: str, attn: str) -> 
     with torch.no_grad():
         for batch in (long, short, long):
             assert_logits_close(ours(batch["input_ids"]).logits, ref(batch["input_ids"]).logits)
-        mask = padded["attention_mask"]
-        assert_logits_close(
-            ours(padded["input_ids"], attention_mask=mask).logits,
-            ref(padded["input_ids"], attention_mask=mask).logits,
-            mask,
-        )
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes for left padding
-        assert_logits_close(
-            ours(padded["input_ids"], attention_mask=mask, position_ids=positions).logits,
-            ref(padded["input_ids"], attention_mask=mask, position_ids=positions).logits,
-            mask,
-        )
+        assert_padded_logits_close(ours, ref, padded)
+        # What generate() passes for left padding:
+        positions = (padded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        assert_padded_logits_close(ours, ref, padded, position_ids=positions)
         embeds = ref.model.embed_tokens(long["input_ids"])
         assert_logits_close(ours(inputs_embeds=embeds).logits, ref(inputs_embeds=embeds).logits)
 
@@ -244,10 +191,7 @@ def test_fp32_parity_logits_loss_grads(tmp_path: Path, case: str, attn: str) -> 
     ours.train()
     ref.train()
     for batch in (long, padded):
-        loss_ours, grads_ours = loss_and_grads(ours, batch)
-        loss_ref, grads_ref = loss_and_grads(ref, batch)
-        assert_loss_equal(loss_ours, loss_ref)
-        assert_grads_close(grads_ours, grads_ref)
+        assert_same_step(ours, ref, batch)
     if ours.config.tie_word_embeddings:
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
         assert "lm_head.weight" not in dict(ours.named_parameters())
@@ -287,19 +231,7 @@ def test_bf16_checkpoint_auto_dtype(tmp_path: Path, case: str, attn: str, dtype_
         kwargs["dtype"] = dtype_arg
     ref = load_hf(folder, **kwargs)
     ours = load_lmport(folder, **kwargs)
-    assert ref.dtype == torch.bfloat16  # the oracle agrees the checkpoint is bf16
-    assert ours.dtype == torch.bfloat16
-    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
-    assert ours.config.dtype == "bfloat16"
-    for batch in (inputs(SEQ, seed=1), inputs(SEQ, seed=3, padded=True)):
-        mask = batch.get("attention_mask")
-        with torch.no_grad():
-            out_ours = ours(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-            out_ref = ref(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-        assert out_ours.logits.dtype == torch.bfloat16
-        keep = mask.bool() if mask is not None else torch.ones(out_ref.logits.shape[:2], dtype=torch.bool)
-        assert torch.equal(out_ours.logits[keep], out_ref.logits[keep])
-        assert torch.equal(out_ours.loss, out_ref.loss)
+    assert_bf16_parity(ours, ref, (inputs(SEQ, seed=1), inputs(SEQ, seed=3, padded=True)))
     # Training in bf16: the same bits for the loss and every gradient.
     ours.train()
     ref.train()
@@ -359,10 +291,7 @@ def test_num_items_in_batch(pair: tuple[Any, Any], n: int | str) -> None:
     count = int((batch["labels"][:, 1:] != -100).sum())  # targets the mean loss averages over
     ours.train()
     ref.train()
-    loss_ours, grads_ours = loss_and_grads(ours, batch, num_items_in_batch=items)
-    loss_ref, grads_ref = loss_and_grads(ref, batch, num_items_in_batch=items)
-    assert_loss_equal(loss_ours, loss_ref)
-    assert_grads_close(grads_ours, grads_ref)
+    loss_ours = assert_same_step(ours, ref, batch, num_items_in_batch=items)
     # It was honoured: sum / n, not the mean.
     with torch.no_grad():
         mean = ours(**batch).loss

@@ -23,6 +23,7 @@ import pytest
 import torch
 import transformers
 from conftest import save_hf_llama_random, tree_digest
+from helpers import load_clean, load_lmport, one_intraop_thread
 from safetensors.torch import load_file
 from transformers.modeling_utils import _add_variant as hf_variant_name  # the oracle's own file naming
 
@@ -34,22 +35,10 @@ MEDIUM_SHARD = "120KB"  # fewer shards
 
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:
-    """Tiny matmuls: one intra-op thread is fastest, and immune to a loaded machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_intraop_thread()
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def load_lmport(folder: Path, **kwargs: Any) -> Any:
-    """lmport's model (and loading info), asserting the load left ``folder`` exactly as it was."""
-    before = tree_digest(folder)
-    result = lmport.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    assert tree_digest(folder) == before, "loading changed the checkpoint folder"
-    return result
 
 
 def load_hf(folder: Path, **kwargs: Any) -> Any:
@@ -58,11 +47,7 @@ def load_hf(folder: Path, **kwargs: Any) -> Any:
 
 def load_hf_clean(folder: Path, **kwargs: Any) -> Any:
     """transformers' model, asserting it found every weight and nothing else."""
-    model, info = load_hf(folder, output_loading_info=True, **kwargs)
-    assert not info["missing_keys"], info
-    assert not info["unexpected_keys"], info
-    assert not info["mismatched_keys"], info
-    return model
+    return load_clean(transformers.LlamaForCausalLM, folder, **kwargs)
 
 
 IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,7 @@ Weights are random with std 0.2 and random norms (``conftest.save_hf``).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -28,31 +29,30 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import save_hf, tree_digest
-from safetensors.torch import load_file
+from conftest import TINY_LLAMA, save_hf
+from helpers import (
+    ATTENTION,
+    LOGITS_ATOL,
+    MOVED,
+    VOCAB,
+    assert_bf16_parity,
+    assert_logits_close,
+    assert_padded_logits_close,
+    assert_same_outputs,
+    assert_same_training_step,
+    assert_saved_like_transformers,
+    assert_transformers_reads_save,
+    batch_of_two,
+    load_fp32_pair,
+    load_lmport,
+    max_change,
+    perturb_parameters,
+)
 
-import lmport
-
-LOGITS_ATOL = 1e-5  # fp32, absolute (DESIGN.md)
-GRAD_RTOL = 1e-5  # fp32, relative to the reference gradient's largest magnitude, per parameter
-LOSS_TOL = 1e-6  # fp32, absolute and relative
-MOVED = 1e-3  # a setting "is in effect" when toggling it moves some logit by more than this
-ATTENTION = ("eager", "sdpa")
-VOCAB = 128
 SEQ = 24  # six times the window of 4
 WINDOW = 4
 
-TINY: dict[str, Any] = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    bos_token_id=0,
-    eos_token_id=0,
-)
+TINY: dict[str, Any] = {**TINY_LLAMA, "bos_token_id": 0, "eos_token_id": 0}
 
 #: id -> transformers.MistralConfig overrides
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -74,83 +74,19 @@ def make_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, seed: int 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Variant id -> folder, saved once per module (both attention kernels read the same one)."""
-    made: dict[str, Path] = {}
-
-    def get(case: str) -> Path:
-        if case not in made:
-            made[case] = make_checkpoint(tmp_path_factory.mktemp(case), **VARIANTS[case])
-        return made[case]
-
-    return get
+    return functools.cache(lambda case: make_checkpoint(tmp_path_factory.mktemp(case), **VARIANTS[case]))
 
 
 # --- loading and comparing ------------------------------------------------------------
-
-
-def load_lmport(folder: Path, **kwargs: Any) -> Any:
-    """lmport's model, asserting the load left every file of ``folder`` as it was."""
-    before = tree_digest(folder)
-    model = lmport.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    assert tree_digest(folder) == before, "loading changed the checkpoint folder"
-    return model
 
 
 def load_hf(folder: Path, **kwargs: Any) -> Any:
     return transformers.MistralForCausalLM.from_pretrained(folder, **{"dtype": torch.float32, **kwargs})
 
 
-def inputs(seq: int = SEQ, seed: int = 0, padded: bool = False) -> dict[str, torch.Tensor]:
-    """A batch of two: labels with -100 entries; ``padded`` right-pads the second row by 5 (> window)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (2, seq), generator=g)
-    labels = ids.clone()
-    labels[0, :3] = -100
-    labels[1, seq // 2 : seq // 2 + 2] = -100
-    batch = {"input_ids": ids, "labels": labels}
-    if padded:
-        mask = torch.ones(2, seq, dtype=torch.long)
-        mask[1, seq - 5 :] = 0
-        labels[1, seq - 5 :] = -100
-        batch["attention_mask"] = mask
-    return batch
-
-
-def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype
-    if mask is not None:  # padded positions are don't-care in both libraries
-        ours, ref = ours[mask.bool()], ref[mask.bool()]
-    assert torch.isfinite(ours).all(), "non-finite logits at real positions"
-    diff = (ours.float() - ref.float()).abs().max().item()
-    assert diff <= LOGITS_ATOL, f"logits differ by {diff:.3g} (> {LOGITS_ATOL})"
-
-
-def max_change(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def assert_loss_equal(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=LOSS_TOL, atol=LOSS_TOL)
-
-
-def loss_and_grads(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    out.loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        grads[name] = p.grad.detach().clone()
-    return out.loss.detach(), grads
-
-
-def assert_grads_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
-    assert ours.keys() == ref.keys(), f"parameter names differ: {sorted(ours.keys() ^ ref.keys())}"
-    for name, g_ref in ref.items():
-        assert ours[name].shape == g_ref.shape, f"{name}: gradient shape {ours[name].shape} != {g_ref.shape}"
-        scale = g_ref.abs().max().item()
-        assert scale > 0, f"reference gradient of {name} is all zero: the check would be vacuous"
-        diff = (ours[name] - g_ref).abs().max().item()
-        assert diff <= GRAD_RTOL * scale, f"{name}: gradient differs by {diff:.3g} (scale {scale:.3g})"
+#: ``inputs(seed=0, padded=False)``: a batch of two, labels with -100 entries; ``padded`` right-pads the
+#: second row by 5 (> window).
+inputs = functools.partial(batch_of_two, SEQ)
 
 
 # --- 1. fp32 parity over config variants -------------------------------------------------
@@ -161,10 +97,7 @@ def assert_grads_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tenso
 def test_fp32_parity_logits_loss_grads(checkpoints: Any, case: str, attn: str) -> None:
     folder = checkpoints(case)
     overrides = VARIANTS[case]
-    ref = load_hf(folder, attn_implementation=attn)
-    ours = load_lmport(folder, attn_implementation=attn)
-    assert ours.dtype == torch.float32 and ours.attn_implementation == attn
-    assert not ours.training
+    ours, ref = load_fp32_pair(transformers.MistralForCausalLM, folder, attn)
     window = overrides["sliding_window"]
     assert ours.config.sliding_window == ref.config.sliding_window == window
     attn_module = ours.model.layers[0].self_attn
@@ -176,13 +109,8 @@ def test_fp32_parity_logits_loss_grads(checkpoints: Any, case: str, attn: str) -
     plain, padded = inputs(seed=1), inputs(seed=2, padded=True)
     with torch.no_grad():
         logits = ours(plain["input_ids"]).logits
-        assert_logits_close(logits, ref(plain["input_ids"]).logits)
-        mask = padded["attention_mask"]
-        assert_logits_close(
-            ours(padded["input_ids"], attention_mask=mask).logits,
-            ref(padded["input_ids"], attention_mask=mask).logits,
-            mask,
-        )
+        assert_logits_close(logits, ref(plain["input_ids"]).logits, finite=True)
+        assert_padded_logits_close(ours, ref, padded, finite=True)
         # The window is in effect exactly when it is shorter than the sequence.
         unwindowed = load_lmport(folder, attn_implementation=attn, sliding_window=None)
         moved = max_change(unwindowed(plain["input_ids"]).logits, logits)
@@ -195,10 +123,7 @@ def test_fp32_parity_logits_loss_grads(checkpoints: Any, case: str, attn: str) -
     ours.train()
     ref.train()
     for batch in (plain, padded):
-        loss_ours, grads_ours = loss_and_grads(ours, batch)
-        loss_ref, grads_ref = loss_and_grads(ref, batch)
-        assert_loss_equal(loss_ours, loss_ref)
-        assert_grads_close(type(ours).weight_map.to_checkpoint(grads_ours), grads_ref)
+        assert_same_training_step(ours, ref, batch)  # gradients through the weight map (identity for Mistral)
 
 
 # --- 2. the sliding window, asserted on its own ------------------------------------------
@@ -250,30 +175,10 @@ def test_bf16_checkpoint_auto_dtype(tmp_path: Path, case: str, attn: str) -> Non
     folder = make_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16, **VARIANTS[case])
     ref = load_hf(folder, attn_implementation=attn, dtype="auto")
     ours = load_lmport(folder, attn_implementation=attn, dtype="auto")
-    assert ref.dtype == torch.bfloat16  # the oracle agrees the checkpoint is bf16
-    assert ours.dtype == torch.bfloat16 and ours.config.dtype == "bfloat16"
-    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
-    for batch in (inputs(seed=1), inputs(seed=2, padded=True)):
-        mask = batch.get("attention_mask")
-        with torch.no_grad():
-            out_ours = ours(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-            out_ref = ref(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-        assert out_ours.logits.dtype == torch.bfloat16
-        keep = mask.bool() if mask is not None else torch.ones(out_ref.logits.shape[:2], dtype=torch.bool)
-        assert torch.equal(out_ours.logits[keep], out_ref.logits[keep])
-        assert torch.equal(out_ours.loss, out_ref.loss)
+    assert_bf16_parity(ours, ref, (inputs(seed=1), inputs(seed=2, padded=True)))
 
 
 # --- 4. save_pretrained round trip through transformers -----------------------------------
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
-    assert files, f"no safetensors in {folder}"
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
 
 
 @pytest.mark.parametrize("case", ["window_4_gqa2", "window_none_head_dim_8_mqa"])
@@ -281,38 +186,19 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path: Path, case: s
     overrides = VARIANTS[case]
     folder = make_checkpoint(tmp_path / "hf", **overrides)
     ours = load_lmport(folder)
-    # A "fine-tuned" model: every parameter moved, so the save must carry lmport's own state.
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    perturb_parameters(ours)  # "fine-tuned": the save must carry lmport's own state
     ours.save_pretrained(tmp_path / "ours")
     raw = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert raw["model_type"] == "mistral"
     assert "sliding_window" in raw and raw["sliding_window"] == overrides["sliding_window"]
 
-    ref, info = transformers.MistralForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert ref.dtype == torch.float32
-    for key, value in overrides.items():
-        assert getattr(ref.config, key) == value, f"config {key} did not round-trip"
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        assert getattr(ref.config, key) == TINY[key]
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    ref = assert_transformers_reads_save(transformers.MistralForCausalLM, tmp_path / "ours", overrides, TINY, keys)
     batch = inputs(seed=1, padded=True)
-    mask = batch["attention_mask"]
-    with torch.no_grad():
-        out_ours = ours(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-        out_ref = ref(batch["input_ids"], attention_mask=mask, labels=batch["labels"])
-    assert torch.equal(out_ours.logits[mask.bool()], out_ref.logits[mask.bool()])
-    assert torch.equal(out_ours.loss, out_ref.loss)
+    assert_same_outputs(ours, ref, batch)
 
     # The files are what transformers itself writes for this model: names, shapes, dtypes, values.
-    ref.save_pretrained(tmp_path / "theirs")
-    mine, theirs = tensors_of(tmp_path / "ours"), tensors_of(tmp_path / "theirs")
-    assert mine.keys() == theirs.keys() == tensors_of(folder).keys()
-    for name, t in theirs.items():
-        assert mine[name].shape == t.shape and mine[name].dtype == t.dtype, name
-        assert torch.equal(mine[name], t), f"{name}: saved values differ from transformers' save"
+    assert_saved_like_transformers(tmp_path / "ours", ref, tmp_path / "theirs", folder)
 
     # And lmport reads its own save back to the same numbers.
     again = load_lmport(tmp_path / "ours")

@@ -458,3 +458,12 @@ def test_other_quantization_methods(checkpoints: dict[str, Path]) -> None:
 
     with raises(errors.UnsupportedFeatureError, "no installed plugin serves quantization_config"):
         lmport.AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=AwqSettings())
+
+
+def test_saving_a_quantized_model_is_refused_clearly(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    model = lmport.AutoModelForCausalLM.from_pretrained(
+        checkpoints["llama"], quantization_config=lmport.BitsAndBytesConfig(load_in_4bit=True)
+    )
+    with raises(errors.UnsupportedFeatureError, "quantized", "peft adapter"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import forget_modules, pip_installed
 from safetensors import safe_open
 
 import lmport
@@ -29,23 +29,8 @@ DIST = "lmport-tinymix-example"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The fixture package pip-installed (built from a copy) into a target folder put on sys.path."""
-    root = tmp_path_factory.mktemp("tinymix")
-    shutil.copytree(FIXTURE, root / "src")
-    target = root / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(root / "src")],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    sys.path.insert(0, str(target))
-    reset_registry()
-    try:
+    with pip_installed(FIXTURE, tmp_path_factory.mktemp("tinymix"), "lmport_tinymix") as target:
         yield target
-    finally:
-        sys.path.remove(str(target))
-        for name in [m for m in sys.modules if m.startswith("lmport_tinymix")]:
-            del sys.modules[name]
-        reset_registry()
 
 
 def _checkpoint(folder: Path) -> tuple[Path, torch.Tensor, torch.Tensor]:
@@ -123,6 +108,4 @@ def test_same_model_registered_at_run_time(tmp_path: Path, monkeypatch: pytest.M
             assert torch.equal(model(ids).logits, logits)
         assert get_registry().provider("tinymix") == "runtime:tinymix"
     finally:
-        for name in [m for m in sys.modules if m.startswith("lmport_tinymix")]:
-            del sys.modules[name]
-        reset_registry()
+        forget_modules("lmport_tinymix")
