@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .errors import CorruptWeightsError, MissingShardError, UnsafePathError
 
@@ -49,8 +50,8 @@ def resolve_inside(folder: Path, relative: str, referrer: Path) -> Path:
     )
 
 
-def read_index(index_path: Path) -> dict[str, Path]:
-    """Read a ``*.index.json`` file: tensor name → shard path (validated, existing)."""
+def read_weight_map(index_path: Path) -> dict[str, Any]:
+    """The ``weight_map`` object of a ``*.index.json`` file (tensor name → shard name), unvalidated names."""
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -58,6 +59,12 @@ def read_index(index_path: Path) -> dict[str, Path]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CorruptWeightsError(f"{index_path}: no 'weight_map' object in index file")
+    return weight_map
+
+
+def read_index(index_path: Path) -> dict[str, Path]:
+    """Read a ``*.index.json`` file: tensor name → shard path (validated, existing)."""
+    weight_map = read_weight_map(index_path)
     folder = index_path.parent
     resolved: dict[str, Path] = {}
     checked: dict[str, Path] = {}

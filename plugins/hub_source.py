@@ -23,7 +23,6 @@ from the cache alone and no request is sent. Failures raise
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 import warnings
@@ -50,7 +49,7 @@ from lmport.errors import (
 )
 from lmport.hookspecs import hookimpl
 from lmport.options import SourceOptions
-from lmport.shards import add_variant, resolve_inside
+from lmport.shards import add_variant, read_weight_map, resolve_inside
 
 CONFIG_NAME = "config.json"
 #: Weight formats in order of preference: (use_safetensors value that excludes it, index name, single name).
@@ -376,15 +375,8 @@ def _clean_subfolder(subfolder: str) -> str:
 
 def _shard_names(index_path: Path) -> list[str]:
     """The distinct shard names of an index file, in first-listed order."""
-    try:
-        data = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptWeightsError(f"{index_path}: unreadable index file: {exc}") from exc
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CorruptWeightsError(f"{index_path}: no 'weight_map' object in index file")
     names: dict[str, None] = {}
-    for shard in weight_map.values():
+    for shard in read_weight_map(index_path).values():
         if not isinstance(shard, str):
             raise CorruptWeightsError(f"{index_path}: shard name {shard!r} is not a string")
         names.setdefault(shard)
