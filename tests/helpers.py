@@ -300,3 +300,39 @@ def pip_installed(
     finally:
         sys.path.remove(str(target))
         forget_modules(module_prefix)
+
+
+# --- tokenizer ----------------------------------------------------------------------------
+
+#: Special tokens of :func:`make_tokenizer`, with their ids.
+SPECIAL_TOKENS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<s>' + message['role'] + ': ' + message['content'] + '</s>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}"
+)
+
+
+def make_tokenizer(folder: Path | None = None) -> Any:
+    """A character-level transformers ``PreTrainedTokenizerFast`` with ids below :data:`VOCAB`.
+
+    ``<pad>``/``<s>``/``</s>``/``<unk>`` are 0-3, printable ASCII follows (every character is
+    one token, so decoding is exact), a chat template renders ``<s>role: content</s>`` turns.
+    Saved to ``folder`` when given (beside a checkpoint, as a hub repo would ship it).
+    """
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = dict(SPECIAL_TOKENS)
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if folder is not None:
+        tokenizer.save_pretrained(folder)
+    return tokenizer

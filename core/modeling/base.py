@@ -17,6 +17,7 @@ from ..cache import KVCache
 from ..config import PretrainedConfig
 from ..generation import GenerationMixin
 from ..weights import IDENTITY, WeightMap
+from .compat import TransformersCompat
 from .layers import Attention
 from .loss import causal_lm_loss
 from .outputs import BaseModelOutput, CausalLMOutput
@@ -141,7 +142,7 @@ class DecoderModel(nn.Module):
         )
 
 
-class PreTrainedCausalLM(nn.Module, GenerationMixin):
+class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
     """Base of every lmport causal LM: ``self.model`` (a :class:`DecoderModel`) and ``self.lm_head``.
 
     Subclasses set :attr:`config_class` and build ``model`` from the config; the
