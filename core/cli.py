@@ -105,14 +105,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def run_demo(architectures: Sequence[str] | None, steps: int, output: Path | None, log: Any = print) -> list[dict[str, Any]]:
     """For each installed architecture: write a tiny checkpoint, load it through its entry point,
-    fine-tune a few steps, save and reload. Returns one result dict per architecture."""
+    fine-tune a few steps, save and reload. Returns one result dict per architecture.
+
+    Checkpoints are kept in ``output`` when given; otherwise they go to a temporary folder
+    that is removed before returning (also on error).
+    """
+    if output is not None:
+        results = _run_demo(architectures, steps, output, log)
+        log(f"checkpoints in {output}")
+        return results
+    with tempfile.TemporaryDirectory(prefix="lmport-demo-") as tmp:
+        return _run_demo(architectures, steps, Path(tmp), log)
+
+
+def _run_demo(architectures: Sequence[str] | None, steps: int, root: Path, log: Any) -> list[dict[str, Any]]:
     import torch
 
     from .auto import AutoModelForCausalLM
 
     registry = get_registry()
     model_types = list(architectures) if architectures else registry.model_types()
-    root = output or Path(tempfile.mkdtemp(prefix="lmport-demo-"))
     results = []
     for model_type in model_types:
         plugin = registry.architecture(model_type)
@@ -162,7 +174,6 @@ def run_demo(architectures: Sequence[str] | None, steps: int, output: Path | Non
             f"loaded in {load_s * 1000:.0f} ms  loss {losses[0]:.3f} -> {losses[-1]:.3f}  "
             f"reload diff {diff:.1e}  {'ok' if result['ok'] else 'FAILED'}"
         )
-    log(f"checkpoints in {root}")
     return results
 
 

@@ -72,3 +72,14 @@ def test_demo_trains_and_round_trips(tmp_path: Path) -> None:
     assert r["reload_max_abs_diff"] == 0.0
     assert (tmp_path / "llama" / "tuned" / "model.safetensors").is_file()
     assert (tmp_path / "llama" / "tuned" / "config.json").is_file()
+
+
+def test_demo_without_output_removes_its_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    lines: list[str] = []
+    results = run_demo(["llama"], steps=2, output=None, log=lines.append)
+    assert results and results[0]["reload_max_abs_diff"] == 0.0
+    assert list(tmp_path.iterdir()) == [], "the demo left files behind"
+    assert not any("checkpoints in" in line for line in lines)
