@@ -1,11 +1,15 @@
 """Training-step throughput: lmport vs transformers, side by side, same checkpoint and data.
 
 For each architecture a checkpoint is saved once by transformers; both libraries
-load it (fp32, sdpa) and run full training steps (forward, backward, AdamW step).
-Steps alternate between the two libraries so drift on the machine hits both.
+load it (fp32, sdpa) and run full training steps (forward, backward, AdamW step),
+each library twice: eager, and ``torch.compile(model)`` (inductor; the optimizer step
+stays eager). Steps rotate between the four runs so drift on the machine hits all.
+Compilation happens in the warm-up steps and is reported apart ("compile s": the
+first step's time minus the median step's).
 
     python benchmarks/train_step.py                    # llama, gpt2, mistral
     python benchmarks/train_step.py --arch llama --steps 20 --seq 512
+    python benchmarks/train_step.py --no-compile       # eager columns only
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 import lmport  # noqa: E402
 
@@ -56,29 +61,47 @@ def step(model: Any, optimizer: torch.optim.Optimizer, batch: torch.Tensor) -> f
     return time.perf_counter() - start
 
 
-def bench(arch: str, folder: Path, steps: int, warmup: int, batch_size: int, seq: int) -> dict[str, Any]:
+def load(library: str, folder: Path) -> Any:
     import transformers
 
-    models = {
-        "transformers": transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa"),
-        "lmport": lmport.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa"),
-    }  # fmt: skip
+    auto = transformers.AutoModelForCausalLM if library == "transformers" else lmport.AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").train()
+
+
+def bench(
+    arch: str, folder: Path, steps: int, warmup: int, batch_size: int, seq: int, compiled: bool = True
+) -> dict[str, Any]:
+    """Median step time and tokens/s of each run (``lmport``, ``transformers`` and, with ``compiled``,
+    ``lmport compiled`` and ``transformers compiled``: separate models, so no run trains another's weights)."""
+    torch._dynamo.reset()
+    libraries = ("transformers", "lmport")
+    models: dict[str, Any] = {name: load(name, folder) for name in libraries}
+    if compiled:
+        for name in libraries:
+            models[f"{name} compiled"] = torch.compile(load(name, folder))
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    for m in models.values():
-        m.train()
     vocab = PRESETS[arch][1]["vocab_size"]
     batch = torch.randint(0, vocab, (batch_size, seq), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in models}
+    first: dict[str, float] = {}
+    names = list(models)
     for i in range(warmup + steps):
-        for name in (("transformers", "lmport") if i % 2 == 0 else ("lmport", "transformers")):
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate the order every step
             t = step(models[name], optimizers[name], batch)
+            first.setdefault(name, t)
             if i >= warmup:
                 times[name].append(t)
     tokens = batch_size * seq
     result: dict[str, Any] = {"arch": arch, "tokens_per_step": tokens}
     for name, ts in times.items():
-        result[name] = {"median_s": statistics.median(ts), "tokens_per_s": tokens / statistics.median(ts)}
-    result["ratio"] = result["lmport"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+        median = statistics.median(ts)
+        result[name] = {"median_s": median, "tokens_per_s": tokens / median}
+        if name.endswith("compiled"):
+            result[name]["compile_s"] = first[name] - median
+    speed = {name: result[name]["tokens_per_s"] for name in models}
+    result["ratio"] = speed["lmport"] / speed["transformers"]
+    if compiled:
+        result["compiled_ratio"] = speed["lmport compiled"] / speed["transformers compiled"]
     return result
 
 
@@ -90,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -97,12 +121,25 @@ def main() -> None:
     results = []
     print(f"batch {args.batch} x seq {args.seq}, fp32, sdpa, AdamW, {args.steps} timed steps, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{'arch':<8} {'transformers tok/s':>19} {'lmport tok/s':>13} {'ratio':>7}  (target >= 1.00)")
+    compiled = not args.no_compile
+    header = f"{'arch':<8} {'transformers tok/s':>19} {'lmport tok/s':>13} {'ratio':>7}"
+    if compiled:
+        header += f" | {'transformers compiled':>21} {'lmport compiled':>15} {'ratio':>7}"
+        header += f" | {'compile s (tf / lmport)':>23}"
+    print(header + "  (target: ratios >= 1.00)")
     for arch in args.arch or sorted(PRESETS):
         with tempfile.TemporaryDirectory() as tmp:
-            r = bench(arch, make_checkpoint(arch, Path(tmp) / arch), args.steps, args.warmup, args.batch, args.seq)
+            folder = make_checkpoint(arch, Path(tmp) / arch)
+            r = bench(arch, folder, args.steps, args.warmup, args.batch, args.seq, compiled)
         results.append(r)
-        print(f"{arch:<8} {r['transformers']['tokens_per_s']:>19.0f} {r['lmport']['tokens_per_s']:>13.0f} {r['ratio']:>7.3f}")
+        tf, ours = r["transformers"], r["lmport"]
+        line = f"{arch:<8} {tf['tokens_per_s']:>19.0f} {ours['tokens_per_s']:>13.0f} {r['ratio']:>7.3f}"
+        if compiled:
+            tf, ours = r["transformers compiled"], r["lmport compiled"]
+            compile_s = f"{tf['compile_s']:.1f} / {ours['compile_s']:.1f}"
+            line += f" | {tf['tokens_per_s']:>21.0f} {ours['tokens_per_s']:>15.0f} {r['compiled_ratio']:>7.3f}"
+            line += f" | {compile_s:>23}"
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

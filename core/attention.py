@@ -86,13 +86,28 @@ def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Document index of each position when ``position_ids`` restart (packed rows), else ``None``.
 
     ``[[0, 1, 0, 1, 2, 0]]`` → ``[[0, 0, 1, 1, 1, 2]]``: a new document starts wherever
-    the position does not follow the previous one.
+    the position does not follow the previous one. While tracing (:func:`is_tracing`) the
+    segments are returned even when there is one document per row.
     """
     first = position_ids[:, :1] - 1
     segments = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-    if bool((segments[:, -1] == 0).all()):
+    # While tracing, the segments are always returned: "is anything packed?" is data-dependent
+    # (a graph break under torch.compile); segments of one document mask nothing extra.
+    if not is_tracing(segments) and bool((segments[:, -1] == 0).all()):
         return None
     return segments
+
+
+def is_tracing(tensor: torch.Tensor | None = None) -> bool:
+    """Whether the code runs under ``torch.compile``/``torch.export``, ``torch.jit.trace`` or an FX trace.
+
+    Traced code must not branch on tensor values; callers then take the general path.
+    """
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or (tensor is not None and isinstance(tensor, torch.fx.Proxy))
+    )
 
 
 def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
