@@ -173,6 +173,14 @@ class PretrainedConfig:
         except ValueError as exc:
             raise ArgumentError(f"after overrides {sorted(overrides)}: {exc}") from exc
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        """The config of the text model: this config itself, as transformers returns for text-only models.
+
+        ``decoder``/``encoder`` select a side of composite (multimodal, encoder-decoder)
+        configs in transformers; a causal LM has one side, so both give this config.
+        """
+        return self
+
     @classmethod
     def has_field(cls, name: str) -> bool:
         """Whether ``name`` is a settable field of this config."""
@@ -201,18 +209,100 @@ class PretrainedConfig:
         out["model_type"] = self.model_type
         if self.hf_architecture:
             out["architectures"] = [self.hf_architecture]
-        out.pop("torch_dtype", None)
+        out.pop("torch_dtype", None)  # written once, as "dtype" (transformers 5 reads both)
+        if out.get("dtype") is not None and not isinstance(out["dtype"], str):  # a torch.dtype set by user code
+            out["dtype"] = str(out["dtype"]).removeprefix("torch.")
         return dict(sorted(out.items()))
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json`` into ``save_directory`` (atomically); returns its path."""
+    def save_pretrained(self, save_directory: str | os.PathLike[str], push_to_hub: bool = False, **kwargs: Any) -> Path:
+        """Write ``config.json`` into ``save_directory`` (atomically); returns its path.
+
+        ``push_to_hub=True`` then uploads it to ``repo_id`` (default: the folder's name), taking
+        ``token`` and the hub arguments :meth:`PreTrainedCausalLM.save_pretrained` takes, as
+        transformers' config does.
+        """
+        from .hub_upload import HubUpload, default_commit_message, split_hub_kwargs
+
         folder = Path(save_directory)
+        upload = upload_args = None
+        if push_to_hub:
+            token = kwargs.pop("token", None)
+            upload_args, create_args = split_hub_kwargs(kwargs, f"{type(self).__name__}.save_pretrained")
+            repo_id = upload_args.pop("repo_id", None) or folder.resolve().name
+            upload = HubUpload(repo_id, token=token, create_repo_kwargs=create_args)
+        elif kwargs:
+            raise ArgumentError(f"{type(self).__name__}.save_pretrained got unexpected argument(s) {sorted(kwargs)}")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / CONFIG_NAME
         tmp = folder / f".{CONFIG_NAME}.tmp"
         tmp.write_text(self.to_json_string(), encoding="utf-8")
         os.replace(tmp, path)
+        if upload is not None and upload_args is not None:
+            message = upload_args.pop("commit_message", None) or default_commit_message(self)
+            upload.commit(folder, [CONFIG_NAME], commit_message=message, model_card=False, **upload_args)
         return path
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | str | None = None,
+    ) -> Any:
+        """Upload ``config.json`` (and a model card) to hub repository ``repo_id``, created if needed.
+
+        As transformers' ``push_to_hub``; returns huggingface_hub's ``CommitInfo``. Offline
+        (``HF_HUB_OFFLINE=1``) raises :class:`~lmport.errors.OfflineError`; hub failures raise
+        other :class:`~lmport.errors.HubError` subclasses.
+        """
+        from .hub_upload import push
+
+        return push(
+            self,
+            repo_id,
+            self.save_pretrained,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            tags=tags,
+        )
+
+    # --- transformers aliases ------------------------------------------------------------
+
+    @property
+    def torch_dtype(self) -> Any:
+        """``dtype`` as a ``torch.dtype`` (``None`` if unset): transformers 5 keeps this alias of ``dtype``.
+
+        Setting it (a ``torch.dtype`` or its name) sets ``dtype``; ``config.json`` holds ``dtype`` only.
+        """
+        if self.dtype is None:
+            return None
+        import torch
+
+        value = self.dtype if not isinstance(self.dtype, str) else getattr(torch, self.dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise ConfigError(f"{type(self).__name__}.dtype {self.dtype!r} is not a torch dtype")
+        return value
+
+    @torch_dtype.setter
+    def torch_dtype(self, value: Any) -> None:
+        import torch
+
+        if value is None:
+            self.dtype = None
+            return
+        name = str(value).removeprefix("torch.")
+        if not isinstance(value, (str, torch.dtype)) or not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ArgumentError(f"torch_dtype must be a torch.dtype or its name, got {value!r}")
+        self.dtype = name

@@ -92,6 +92,10 @@ class ArgumentError(LmportError, TypeError):
     """An argument to ``from_pretrained`` is unknown or has an invalid value."""
 
 
+class GenerationSettingError(LmportError, ValueError):
+    """A ``generate`` setting has an invalid value or combination (where transformers raises ``ValueError``)."""
+
+
 class UnsupportedFeatureError(LmportError):
     """A valid request this installation cannot serve (missing package, device, dtype)."""
 
@@ -132,4 +136,5 @@ class HubFileNotFoundError(HubError):
 
 
 class OfflineError(HubError):
-    """The files must come from the local cache (offline, ``local_files_only``, hub unreachable) and are not there."""
+    """The hub cannot be used: files that must come from the local cache (offline, ``local_files_only``, hub
+    unreachable) are not there, or an upload (``push_to_hub``) was asked for in offline mode."""

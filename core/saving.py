@@ -1,22 +1,30 @@
-"""``save_pretrained``: module tensors → weight map backwards → (sharded) safetensors + ``config.json``."""
+"""``save_pretrained``: module tensors → weight map backwards → (sharded) safetensors + ``config.json``.
+
+With ``push_to_hub=True`` what the save wrote is then uploaded (:mod:`lmport.hub_upload`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 
 from .errors import ArgumentError, UnsupportedFeatureError
+from .hub_upload import CREATE_REPO_ARGS, UPLOAD_ARGS, HubUpload, default_commit_message, split_hub_kwargs
 from .shards import add_variant
 
 if TYPE_CHECKING:
     from .modeling.base import PreTrainedCausalLM
 
+#: transformers 5's default ``max_shard_size``.
+DEFAULT_MAX_SHARD_SIZE = "50GB"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -59,11 +67,18 @@ def save_model(
     model: PreTrainedCausalLM,
     folder: Path,
     *,
-    max_shard_size: int | str,
-    safe_serialization: bool,
-    variant: str | None,
-    state_dict: dict[str, torch.Tensor] | None,
-    is_main_process: bool,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    push_to_hub: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    variant: str | None = None,
+    token: str | bool | None = None,
+    safe_serialization: bool = True,
+    save_function: Callable[[Any, str], Any] | None = None,
+    save_peft_format: bool = True,
+    save_original_format: bool = True,
+    distributed_checkpoint: bool = False,
+    **hub_kwargs: Any,
 ) -> Path:
     """Write ``model`` to ``folder`` (see :meth:`PreTrainedCausalLM.save_pretrained`)."""
     from .registry import get_registry
@@ -75,11 +90,45 @@ def save_model(
             "weights is not supported. Save the peft adapter (peft_model.save_pretrained), or load the base "
             "model unquantized, merge, and save that."
         )
+    if not save_original_format:
+        raise UnsupportedFeatureError(
+            "save_pretrained(save_original_format=False): lmport always saves in the checkpoint format (Hugging "
+            "Face names and layouts), never in its own module names"
+        )
+    if distributed_checkpoint:
+        raise UnsupportedFeatureError(
+            "save_pretrained(distributed_checkpoint=True) is not supported: gather the state dict (e.g. "
+            "torch.distributed.checkpoint's get_model_state_dict with full_state_dict=True) and pass it as state_dict"
+        )
+    if save_function is not None and not callable(save_function):
+        raise ArgumentError(f"save_pretrained: save_function must be callable, got {type(save_function).__name__}")
+    if save_function is not None and safe_serialization:
+        warnings.warn(
+            "save_pretrained: save_function is used for .bin weights only (safe_serialization=False), as in "
+            "transformers; the safetensors files are written by safetensors",
+            UserWarning,
+            stacklevel=3,
+        )
+    upload_args: dict[str, Any] = {}
+    create_args: dict[str, Any] = {}
+    if push_to_hub:
+        upload_args, create_args = split_hub_kwargs(hub_kwargs, "save_pretrained")
+    elif hub_kwargs:
+        hub_only = set(hub_kwargs) <= set(UPLOAD_ARGS + CREATE_REPO_ARGS)
+        raise ArgumentError(
+            f"save_pretrained got unexpected argument(s) {sorted(hub_kwargs)}"
+            + (" (hub arguments need push_to_hub=True)" if hub_only else "")
+        )
     if not is_main_process:
         return folder
     if folder.exists() and not folder.is_dir():
         raise ArgumentError(f"save_pretrained: {folder} exists and is not a folder")
+    upload = None
+    if push_to_hub:
+        repo_id = upload_args.pop("repo_id", None) or folder.resolve().name
+        upload = HubUpload(repo_id, token=token, create_repo_kwargs=create_args)
     folder.mkdir(parents=True, exist_ok=True)
+    before = _stamps(folder)
 
     weight_map = get_registry().hook.lmport_weight_mapping(config=model.config, model_class=type(model))
     tied = model.tied_parameter_names()
@@ -102,7 +151,7 @@ def save_model(
         if safe_serialization:
             _write_atomic(path, lambda tmp: save_file(shard, str(tmp), metadata={"format": "pt"}))
         else:
-            _write_atomic(path, lambda tmp: torch.save(shard, str(tmp)))
+            _write_atomic(path, lambda tmp: (save_function or torch.save)(shard, str(tmp)))
 
     written: set[str] = set()
     if len(shards) == 1:
@@ -128,4 +177,38 @@ def save_model(
 
     model.config.dtype = str(model.dtype).removeprefix("torch.")
     model.config.save_pretrained(folder)
+    save_generation_config(model, folder)
+
+    if upload is not None:
+        after = _stamps(folder)
+        upload.commit(
+            folder,
+            [name for name, stamp in after.items() if before.get(name) != stamp],
+            commit_message=upload_args.pop("commit_message", None) or default_commit_message(model),
+            tags=getattr(model, "model_tags", None),
+            **upload_args,
+        )
     return folder
+
+
+def save_generation_config(model: object, folder: Path) -> None:
+    """Write ``generation_config.json`` beside ``config.json`` when the model has a generation config."""
+    from .generation_config import GenerationConfig
+
+    config = GenerationConfig.from_any(getattr(model, "generation_config", None))
+    if config is not None:
+        config.save_pretrained(folder)
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Name → (inode, mtime in ns, size) of the files directly in ``folder``: what a save changed is uploaded.
+
+    Every file a save writes is replaced atomically (a new inode), so a rewrite is seen even
+    within the file system's timestamp resolution.
+    """
+    stamps = {}
+    for path in folder.iterdir():
+        if path.is_file():
+            st = path.stat()
+            stamps[path.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return stamps

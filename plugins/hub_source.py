@@ -9,7 +9,8 @@ A load fetches only what it needs, all at one commit:
 
 1. the revision (branch, tag, or ``main``) is resolved to one commit hash first;
 2. ``config.json`` (in ``subfolder`` if given);
-3. one weight format, chosen as the local format plugins choose: safetensors first
+3. ``generation_config.json`` when the repository has one;
+4. one weight format, chosen as the local format plugins choose: safetensors first
    (unless ``use_safetensors=False``), then ``pytorch_model.bin`` (unless
    ``use_safetensors=True``); for a format, its index file if the repository has one,
    then only the shards that index lists, else its single file; ``variant`` names
@@ -52,6 +53,7 @@ from lmport.options import SourceOptions
 from lmport.shards import add_variant, read_weight_map, resolve_inside
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 #: Weight formats in order of preference: (use_safetensors value that excludes it, index name, single name).
 _FORMATS = (
     (False, "model.safetensors.index.json", "model.safetensors"),
@@ -160,6 +162,9 @@ class HubFetch:
                 self.fetch_shards(folder, self.download(index), listing)
             elif single is not None:
                 self.download(single)
+            exists = (lambda n: self.full(n) in listing) if listing is not None else self.cached
+            if exists(GENERATION_CONFIG_NAME):
+                self.download(GENERATION_CONFIG_NAME)
             return folder
 
     def list_files(self) -> set[str] | None:

@@ -1,18 +1,7 @@
 """The hub source: repo ids through huggingface_hub, against a loopback stand-in for the hub.
 
-No network is used. ``FakeHub`` is a threading HTTP server on 127.0.0.1 (random port)
-that answers the requests huggingface_hub 2.4 makes, as the real hub does: the
-revision API (``/api/models/{repo}/revision/{rev}``: ``sha`` and ``siblings``), the
-tree API (``snapshot_download``), and ``HEAD``/``GET /{repo}/resolve/{rev}/{file}``
-with ``X-Repo-Commit``/``ETag``/``Content-Length``; weight files answer with a 302 to
-a "CDN" origin (``localhost`` instead of ``127.0.0.1``) carrying ``Location``,
-``X-Linked-Etag`` and ``X-Linked-Size``, so the client follows the same path as with
-real LFS files. Errors carry the ``X-Error-Code`` headers the client maps to its
-exception classes (``RepoNotFound``, ``GatedRepo``, ``RevisionNotFound``, ``EntryNotFound``).
-It records every request, so tests assert what was (not) fetched.
-
-The endpoint is set through ``HF_ENDPOINT`` (and huggingface_hub's constants, which
-read it at import), offline mode through ``HF_HUB_OFFLINE`` (likewise).
+No network is used: ``FakeHub`` (tests/hubserver.py) answers the requests huggingface_hub
+makes, as the real hub does, and records them, so tests assert what was (not) fetched.
 """
 
 from __future__ import annotations
@@ -23,254 +12,18 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
-from huggingface_hub import constants as hf_constants
+from hubserver import FakeHub, folder_files, go_offline, hub  # noqa: F401  (hub: the fixture)
 
 import lmport
 from lmport import errors
 
 from conftest import save_hf_llama_random
-
-#: Seconds after which the server shuts itself down whatever happens.
-SERVER_LIFETIME_S = 120
-LFS_SUFFIXES = (".safetensors", ".bin")
-
-
-# --- the loopback hub ------------------------------------------------------------------------
-
-
-@dataclass
-class FakeRepo:
-    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit sha -> {path: content}
-    refs: dict[str, str] = field(default_factory=dict)  # branch or tag -> commit sha
-    token: str | None = None  # private: this bearer token is required
-    gated: bool = False
-
-
-class FakeHub:
-    """A minimal Hugging Face Hub on 127.0.0.1 that records the requests it serves."""
-
-    def __init__(self) -> None:
-        self.repos: dict[str, FakeRepo] = {}
-        self.requests: list[tuple[str, str]] = []  # (method, unquoted path)
-        self.auth: list[str | None] = []  # Authorization header of each request
-        self.on_served: Callable[[str, str], None] | None = None  # called with (method, path) after each response
-        self.down = False  # answer every request with 503, as a hub in trouble does
-        self._lock = threading.Lock()
-        self._blobs: dict[str, bytes] = {}  # sha256 -> content ("CDN")
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            timeout = 10  # a stuck client cannot hold a server thread for long
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                hub._serve(self, head=True)
-
-            def do_GET(self) -> None:
-                hub._serve(self, head=False)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._timer = threading.Timer(SERVER_LIFETIME_S, self.server.shutdown)
-        self._timer.daemon = True
-
-    def __enter__(self) -> FakeHub:
-        self._thread.start()
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-    # --- content ---------------------------------------------------------------------------
-
-    def push(self, repo_id: str, files: dict[str, bytes], *, ref: str = "main", **flags: Any) -> str:
-        """Add a commit holding ``files`` and point ``ref`` at it; returns the commit sha."""
-        repo = self.repos.setdefault(repo_id, FakeRepo(**flags))
-        digest = hashlib.sha1(repo_id.encode())
-        for name in sorted(files):
-            digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-        digest.update(str(len(repo.commits)).encode())
-        sha = digest.hexdigest()
-        repo.commits[sha] = dict(files)
-        repo.refs[ref] = sha
-        for content in files.values():
-            self._blobs[hashlib.sha256(content).hexdigest()] = content
-        return sha
-
-    def fetched(self, method: str = "GET") -> list[str]:
-        """File paths (``{repo}/{commit}/{file}``) of the ``/resolve/`` requests made with ``method``."""
-        out = []
-        for m, path in self.requests:
-            if m == method and "/resolve/" in path:
-                repo, _, rest = path.lstrip("/").partition("/resolve/")
-                out.append(f"{repo}/{rest}")
-        return out
-
-    # --- serving ---------------------------------------------------------------------------
-
-    def _serve(self, h: BaseHTTPRequestHandler, *, head: bool) -> None:
-        parts = [unquote(p) for p in urlsplit(h.path).path.split("/")[1:]]
-        path = "/" + "/".join(parts)
-        with self._lock:
-            self.requests.append((h.command, path))
-            self.auth.append(h.headers.get("Authorization"))
-            if self.down:
-                self._error(h, 503, "ServiceUnavailable", "the hub is down")
-            else:
-                self._route(h, parts, head=head)
-            if self.on_served is not None:
-                self.on_served(h.command, path)
-
-    def _route(self, h: BaseHTTPRequestHandler, parts: list[str], *, head: bool) -> None:
-        if parts[:1] == ["cdn"] and len(parts) == 2 and parts[1] in self._blobs:
-            return self._send(h, 200, self._blobs[parts[1]], head=head)
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
-            repo_id = "/".join(parts[2:4])
-            kind = parts[4] if len(parts) > 4 else "revision"  # /api/models/{repo} is revision "main"
-            rev, rest = (parts[5] if len(parts) > 5 else "main"), parts[6:]
-            found = self._check_commit(h, repo_id, rev)
-            if found is None:
-                return
-            repo, sha = found
-            files = repo.commits[sha]
-            if kind == "revision":
-                siblings = [{"rfilename": name} for name in sorted(files)]
-                body = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.token is not None,
-                        "gated": repo.gated, "siblings": siblings}  # fmt: skip
-                return self._send(h, 200, json.dumps(body).encode(), content_type="application/json")
-            if kind == "tree" and not rest:
-                tree = [{"type": "file", "path": n, "size": len(c), "oid": _git_sha(c)} for n, c in files.items()]
-                return self._send(h, 200, json.dumps(tree).encode(), content_type="application/json")
-            return self._error(h, 404, "EntryNotFound", "not served by this fake hub")
-        if len(parts) >= 5 and parts[2] == "resolve":
-            repo_id, rev, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-            found = self._check_commit(h, repo_id, rev)
-            if found is None:
-                return
-            repo, sha = found
-            content = repo.commits[sha].get(name)
-            if content is None:
-                return self._error(h, 404, "EntryNotFound", f"{name} does not exist at {sha}", commit=sha)
-            if name.endswith(LFS_SUFFIXES):  # LFS: the hub redirects to its CDN, another origin
-                sha256 = hashlib.sha256(content).hexdigest()
-                headers = {"Location": f"http://localhost:{self.port}/cdn/{sha256}", "X-Repo-Commit": sha,
-                           "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(content)),
-                           "ETag": f'W/"{_git_sha(content)}"'}  # fmt: skip
-                return self._send(h, 302, b"", head=True, headers=headers)
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{_git_sha(content)}"'}
-            return self._send(h, 200, content, head=head, headers=headers)
-        return self._error(h, 404, "RepoNotFound", "unknown route")
-
-    def _check_repo(self, h: BaseHTTPRequestHandler, repo_id: str) -> FakeRepo | None:
-        repo = self.repos.get(repo_id)
-        if repo is None:
-            self._error(h, 404, "RepoNotFound", "Repository not found")
-            return None
-        if repo.gated:
-            self._error(h, 403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the "
-                        "authorized list. Visit the model page to ask for access.")  # fmt: skip
-            return None
-        if repo.token is not None and h.headers.get("Authorization") != f"Bearer {repo.token}":
-            self._error(h, 401, "RepoNotFound", "Invalid username or password.")
-            return None
-        return repo
-
-    def _check_revision(self, h: BaseHTTPRequestHandler, repo: FakeRepo, rev: str) -> str | None:
-        sha = rev if rev in repo.commits else repo.refs.get(rev)
-        if sha is None:
-            self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
-        return sha
-
-    def _check_commit(self, h: BaseHTTPRequestHandler, repo_id: str, rev: str) -> tuple[FakeRepo, str] | None:
-        """The repository and the commit ``rev`` names, both checked (an error is sent and None returned otherwise)."""
-        repo = self._check_repo(h, repo_id)
-        if repo is None:
-            return None
-        sha = self._check_revision(h, repo, rev)
-        return None if sha is None else (repo, sha)
-
-    def _error(
-        self, h: BaseHTTPRequestHandler, status: int, code: str, message: str, commit: str | None = None
-    ) -> None:
-        headers = {"X-Error-Code": code, "X-Error-Message": message}
-        if commit is not None:
-            headers["X-Repo-Commit"] = commit
-        self._send(h, status, json.dumps({"error": message}).encode(), headers=headers,
-                   head=h.command == "HEAD", content_type="application/json")  # fmt: skip
-
-    @staticmethod
-    def _send(
-        h: BaseHTTPRequestHandler,
-        status: int,
-        body: bytes,
-        *,
-        head: bool = False,
-        headers: dict[str, str] | None = None,
-        content_type: str = "application/octet-stream",
-    ) -> None:
-        h.send_response(status)
-        for key, value in (headers or {}).items():
-            h.send_header(key, value)
-        h.send_header("Content-Type", content_type)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        if not head:
-            h.wfile.write(body)
-
-
-def _git_sha(content: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-
-
-# --- fixtures --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    """A running FakeHub that huggingface_hub (and so lmport and transformers) talks to; no token anywhere."""
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))  # transformers' PEFT probe
-        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-        monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
-        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # for the CLI subprocess
-        yield server
-
-
-def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """HF_HUB_OFFLINE=1, as set before the process started (huggingface_hub reads it at import)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-
-
-def folder_files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 # --- checkpoints -----------------------------------------------------------------------------
 
@@ -379,13 +132,14 @@ def test_download_fetches_only_the_chosen_format(
     assert_logits(model, {"a": a, "b": b}[source].expected)
 
     files = ["model.safetensors.index.json", *a.shards] if wanted == "sharded" else [wanted]
-    assert requested(hub) == {"config.json", *files}  # no other format, no orphan shard, no README...
+    # config, generation config, one format; no other format, no orphan shard, no README...
+    assert requested(hub) == {"config.json", "generation_config.json", *files}
     assert revisions_used(hub) == {commit}  # every file at the resolved commit, never at "main"
     weights = {sha256(everything(a, b)[f]) for f in files if f.endswith((".safetensors", ".bin"))}
     assert cdn_gets(hub) == weights  # each weight file downloaded exactly from its own blob
     assert sum(1 for m, p in hub.requests if m == "GET" and p.startswith("/cdn/")) == len(weights)
     snapshot = tmp_path / "cache" / "models--org--tiny" / "snapshots" / commit
-    assert sorted(folder_files(snapshot)) == sorted(["config.json", *files])
+    assert sorted(folder_files(snapshot)) == sorted(["config.json", "generation_config.json", *files])
     assert model.name_or_path == "org/tiny"
 
     hub.requests.clear()  # a second load reads the cache: the API is asked, no file is downloaded again
@@ -399,7 +153,7 @@ def test_force_download_fetches_again(hub: FakeHub, ckpts: tuple[Checkpoints, ..
     load("org/tiny", tmp_path / "cache")
     hub.requests.clear()
     assert_logits(load("org/tiny", tmp_path / "cache", force_download=True), a.expected)
-    assert requested(hub) == {"config.json", "model.safetensors"}
+    assert requested(hub) == {"config.json", "generation_config.json", "model.safetensors"}
     assert cdn_gets(hub) == {sha256(a.single["model.safetensors"])}
     with pytest.raises(errors.ArgumentError, match="force_download"):
         load("org/tiny", tmp_path / "cache", force_download=True, local_files_only=True)
@@ -443,7 +197,7 @@ def test_subfolder_autoconfig_and_token(hub: FakeHub, ckpts: tuple[Checkpoints, 
     cache = tmp_path / "cache"
     model = load("org/private", cache, subfolder="llm", token="hf_ok")
     assert_logits(model, a.expected)
-    assert requested(hub, "org/private") == {"llm/config.json", "llm/model.safetensors"}
+    assert requested(hub, "org/private") == {"llm/config.json", "llm/generation_config.json", "llm/model.safetensors"}
     hub_calls = [auth for (m, p), auth in zip(hub.requests, hub.auth) if not p.startswith(("/cdn/", "/api/agent"))]
     assert hub_calls and set(hub_calls) == {"Bearer hf_ok"}  # the token reached every hub request
     cdn_auth = [auth for (m, p), auth in zip(hub.requests, hub.auth) if p.startswith("/cdn/")]
@@ -640,4 +394,19 @@ def test_cli_inspect_repo_id_through_hf_endpoint(hub: FakeHub, ckpts: tuple[Chec
     assert report["model_type"] == "llama"
     # (names: the sharded format reports each shard by its resolved path, a blob of the cache; see the report)
     assert sorted(f["bytes"] for f in report["weight_files"]) == sorted(len(a.sharded[s]) for s in a.shards)
-    assert requested(hub) == {"config.json", "model.safetensors.index.json", *a.shards}
+    assert requested(hub) == {"config.json", "generation_config.json", "model.safetensors.index.json", *a.shards}
+
+
+def test_generation_config_of_the_repo_is_fetched_and_honoured(
+    hub: FakeHub, ckpts: tuple[Checkpoints, ...], tmp_path: Path
+) -> None:
+    a = ckpts[0]
+    settings = {"eos_token_id": [2, 7], "max_new_tokens": 5, "bos_token_id": 1}
+    hub.push("org/tiny", {**a.single, "generation_config.json": json.dumps(settings).encode()})
+    model = load("org/tiny", tmp_path / "cache")
+    assert model.generation_config.eos_token_id == [2, 7]
+    assert model.generation_config.max_new_tokens == 5
+    hub.push("org/plain", {k: v for k, v in a.single.items() if k != "generation_config.json"})
+    hub.requests.clear()
+    assert load("org/plain", tmp_path / "cache").generation_config.max_new_tokens is None
+    assert "generation_config.json" not in requested(hub, "org/plain")  # not asked for: the listing lacks it
