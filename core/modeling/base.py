@@ -12,19 +12,18 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import AttentionKernel, AttentionMask, packed_segments
+from ..attention import AttentionKernel, AttentionMask, is_tracing, packed_segments
 from ..cache import KVCache
 from ..config import PretrainedConfig
+from ..errors import ArgumentError, UnsupportedFeatureError
 from ..generation import GenerationMixin
 from ..weights import IDENTITY, WeightMap
 from .compat import TransformersCompat
+from .forward_args import check_forward_kwargs
 from .layers import Attention
 from .loss import causal_lm_loss
 from .outputs import BaseModelOutput, CausalLMOutput
 from .rope import RotaryEmbedding
-
-_FORWARD_IGNORED = {"output_attentions", "return_dict", "cache_position"}
-
 
 class _SkipInit(TorchFunctionMode):
     """Make ``torch.nn.init`` functions no-ops: values of meta tensors are never used.
@@ -57,6 +56,8 @@ class DecoderModel(nn.Module):
         embed_positions: a learned absolute position embedding added to the tokens', or ``None``.
         embed_dropout: dropout on the summed embeddings while training.
         sliding_window: each query sees only this many most recent keys (itself included); ``None`` for all.
+        embed_token_types: ``token_type_ids`` given to forward are embedded by ``embed_tokens`` and added
+            (GPT-2, as transformers does); otherwise they are ignored, as transformers' Llama ignores them.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class DecoderModel(nn.Module):
         embed_positions: nn.Embedding | None = None,
         embed_dropout: float = 0.0,
         sliding_window: int | None = None,
+        embed_token_types: bool = False,
     ) -> None:
         super().__init__()
         self.embed_tokens = embed_tokens
@@ -79,8 +81,19 @@ class DecoderModel(nn.Module):
         self.rotary_emb = rotary_emb
         self.embed_dropout = nn.Dropout(embed_dropout)
         self.sliding_window = sliding_window
+        self.embed_token_types = embed_token_types
         self.gradient_checkpointing = False
         self._checkpoint_kwargs: dict[str, Any] = {"use_reentrant": False}
+        self._checkpoint_every = 1  # checkpoint layers 0, n, 2n, ...
+        self._checkpoint_offload = False  # keep the checkpointed inputs in CPU memory
+
+    def _checkpointed(self, layer: nn.Module, hidden: torch.Tensor, *args: Any) -> torch.Tensor:
+        """``layer(hidden, *args)`` with its activations recomputed in backward."""
+        if not self._checkpoint_offload:
+            return checkpoint(layer, hidden, *args, **self._checkpoint_kwargs)
+        device = hidden.device.type
+        with torch.autograd.graph.save_on_cpu(pin_memory=device != "cpu", device_type=device):
+            return checkpoint(layer, hidden, *args, **self._checkpoint_kwargs)
 
     def forward(
         self,
@@ -91,7 +104,15 @@ class DecoderModel(nn.Module):
         output_hidden_states: bool = False,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
-    ) -> BaseModelOutput:
+        token_type_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutput | tuple[Any, ...]:
+        """Hidden states of the last layer (and of every layer with ``output_hidden_states``).
+
+        ``kwargs``: the extra arguments transformers' models take (``return_dict``,
+        ``output_attentions=False``, ``cache_position``, the varlen ``cu_seq_lens_*`` and
+        ``max_length_*`` of packed rows...), checked by :func:`~lmport.modeling.forward_args.check_forward_kwargs`.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -113,33 +134,45 @@ class DecoderModel(nn.Module):
                     f"attention_mask covers {attention_mask.shape[-1]} positions; expected {past + seq} "
                     f"({past} cached + {seq} new)"
                 )
-            if not bool(attention_mask.all()):
+            # An all-ones mask keeps sdpa's fast causal path in eager mode; traced code cannot ask.
+            if is_tracing(attention_mask) or not bool(attention_mask.all()):
                 padding = attention_mask
         mask = AttentionMask(
             q_len=seq, kv_len=past + seq, padding=padding, sliding_window=self.sliding_window, segments=segments
+        )
+        return_dict = check_forward_kwargs(
+            type(self).__name__,
+            kwargs,
+            position_ids=position_ids,
+            segments=segments,
+            past_length=past,
+            has_padding=padding is not None,
         )
 
         hidden = inputs_embeds
         if hasattr(self, "embed_positions"):
             hidden = hidden + self.embed_positions(position_ids)
+        if token_type_ids is not None and self.embed_token_types:
+            hidden = hidden + self.embed_tokens(token_type_ids)
         hidden = self.embed_dropout(hidden)
         position_embeddings = self.rotary_emb(hidden, position_ids) if self.rotary_emb is not None else None
         all_hidden: list[torch.Tensor] = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden)
-            if self.gradient_checkpointing and self.training:
-                hidden = checkpoint(layer, hidden, position_embeddings, mask, cache, **self._checkpoint_kwargs)
+            if self.gradient_checkpointing and self.training and i % self._checkpoint_every == 0:
+                hidden = self._checkpointed(layer, hidden, position_embeddings, mask, cache)
             else:
                 hidden = layer(hidden, position_embeddings, mask, cache)
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)
-        return BaseModelOutput(
+        out = BaseModelOutput(
             last_hidden_state=hidden,
             past_key_values=cache,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
         )
+        return out.to_tuple() if return_dict is False else out
 
 
 class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
@@ -270,12 +303,11 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
-        shift_labels: torch.Tensor | None = None,
         ignore_index: int = -100,
         past_key_values: KVCache | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutput:
+    ) -> CausalLMOutput | tuple[Any, ...]:
         """Logits for every kept position, and the next-token loss when ``labels`` are given.
 
         Args:
@@ -285,17 +317,28 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
             labels: ``(batch, seq)`` targets, ``-100`` where no loss is taken.
             logits_to_keep: keep only the last N positions' logits (0 keeps all), or the positions given.
             num_items_in_batch: divide the summed loss by this (gradient accumulation).
+            ignore_index: the label that takes no loss.
+            shift_labels: (keyword) ``(batch, seq)`` targets already shifted, in place of ``labels``;
+                read from ``**kwargs`` so that Trainer, which takes every forward parameter named
+                like ``*label*`` for a label column, sees ``labels`` alone, as with transformers' models.
             past_key_values: a :class:`~lmport.cache.KVCache` of earlier positions (updated in place).
             use_cache: return a cache (a new one if none was given) as ``past_key_values``.
+            return_dict: (keyword) ``False`` returns the output as a tuple of its set fields, as transformers
+                does (default: ``config.return_dict``, else ``True``).
+            token_type_ids: (keyword) embedded and added by models that have token types (GPT-2), ignored
+                by the others, as in transformers.
 
         Position ids that restart at 0 inside a row (and no ``attention_mask``) mark
-        packed documents: no token attends across a document boundary.
+        packed documents: no token attends across a document boundary. The other keyword
+        arguments transformers' models take (``output_attentions=False``, ``cache_position``,
+        flash-style ``cu_seq_lens_q/k``, ``max_length_q/k``, ``seq_idx``) are checked against the
+        batch by :func:`~lmport.modeling.forward_args.check_forward_kwargs`: a value lmport cannot
+        honour, or that contradicts ``position_ids``, raises a typed error, as do unknown names.
         """
-        unknown = set(kwargs) - _FORWARD_IGNORED
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.forward got unexpected arguments {sorted(unknown)}")
-        if kwargs.get("output_attentions"):
-            raise ValueError("output_attentions is not supported; attention weights are never materialised")
+        shift_labels: torch.Tensor | None = kwargs.pop("shift_labels", None)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -304,6 +347,7 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
             output_hidden_states=bool(output_hidden_states),
             past_key_values=past_key_values,
             use_cache=bool(use_cache) or past_key_values is not None,
+            **kwargs,
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -316,30 +360,72 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
             loss = causal_lm_loss(
                 logits, labels, self.config.vocab_size, num_items_in_batch, ignore_index, shift_labels
             )
-        return CausalLMOutput(
+        result = CausalLMOutput(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
         )
+        return result if return_dict else result.to_tuple()
 
     # --- fine-tuning conveniences ----------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Recompute each decoder layer's activations in backward instead of storing them."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        for module in self.modules():
-            if isinstance(module, DecoderModel):
-                module.gradient_checkpointing = True
-                module._checkpoint_kwargs = kwargs
-        if kwargs.get("use_reentrant"):
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Recompute decoder layers' activations in backward instead of storing them (while training).
+
+        Args:
+            activation_checkpointing_kwargs: keyword arguments of ``torch.utils.checkpoint.checkpoint``;
+                ``use_reentrant`` is ``False`` unless given.
+            every_n_layers: checkpoint layers 0, n, 2n, ... only; the others keep their activations.
+            offload: keep the inputs saved for the recompute in CPU memory.
+
+        As in transformers, the input embeddings' output is made to require grad, so frozen
+        embeddings (peft) still let gradients reach the checkpointed layers.
+        """
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ArgumentError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        decoders = [m for m in self.modules() if isinstance(m, DecoderModel)]
+        if not self.supports_gradient_checkpointing or not decoders:
+            raise UnsupportedFeatureError(f"{type(self).__name__} does not support activation checkpointing")
+        for module in decoders:
+            module.gradient_checkpointing = True
+            module._checkpoint_kwargs = kwargs
+            module._checkpoint_every = every_n_layers
+            module._checkpoint_offload = bool(offload)
+        if self.main_input_name == "input_ids":
             self.enable_input_require_grads()
 
-    def gradient_checkpointing_disable(self) -> None:
+    def gradient_checkpointing_enable(
+        self,
+        gradient_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """The older name of :meth:`activation_checkpointing_enable` (peft and TRL call it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Store activations again (undoes :meth:`activation_checkpointing_enable`)."""
         for module in self.modules():
             if isinstance(module, DecoderModel):
                 module.gradient_checkpointing = False
 
+    def gradient_checkpointing_disable(self) -> None:
+        """The older name of :meth:`activation_checkpointing_disable`."""
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on."""
+        return any(isinstance(m, DecoderModel) and m.gradient_checkpointing for m in self.modules())
+
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any(isinstance(m, DecoderModel) and m.gradient_checkpointing for m in self.modules())
+        """The older name of :attr:`is_activation_checkpointing`."""
+        return self.is_activation_checkpointing
 
     def enable_input_require_grads(self) -> None:
         """Make the embeddings' output require grad (needed by reentrant checkpointing over frozen weights)."""
@@ -366,9 +452,31 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        """Parameter count (tied parameters once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count as transformers counts it: tied parameters once.
+
+        Args:
+            only_trainable: count only parameters that require grad.
+            exclude_embeddings: leave out the weights of ``nn.Embedding`` modules (tokens and
+                learned positions; a head tied to them goes too, as it is counted once).
+
+        4-bit parameters count twice their stored bytes, as transformers reports them.
+        """
+        embeddings = (
+            {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding)}
+            if exclude_embeddings
+            else set()
+        )
+        in_4bit = getattr(self, "is_loaded_in_4bit", False)
+        total = 0
+        for name, param in self.named_parameters():
+            if name in embeddings or not (param.requires_grad or not only_trainable):
+                continue
+            if in_4bit and type(param).__name__ == "Params4bit":  # bitsandbytes packs two values a byte
+                total += param.numel() * 2 * param.element_size()
+            else:
+                total += param.numel()
+        return total
 
     @property
     def device(self) -> torch.device:
@@ -388,32 +496,99 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
             if name not in tied:
                 yield name, tensor
 
+    # --- state dicts in checkpoint layout ---------------------------------------------------
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Let ``load_state_dict`` take checkpoint names and layouts as well as module names.
+
+        Trainer resumes (and loads its best model) by ``load_state_dict`` of the safetensors
+        file in a checkpoint, which :meth:`save_pretrained` wrote in the Hugging Face layout.
+        Each name that is not one of this module's state keys goes through the weight map
+        (renamed, split, transposed); names it cannot place stay as they are and are reported
+        as unexpected, and a tied parameter is taken from the tensor it is tied to.
+        """
+        self._to_module_layout(state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _to_module_layout(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Rewrite, in place, the checkpoint-named entries of ``state_dict`` under ``prefix`` as module tensors."""
+        own = self.state_dict(keep_vars=True).keys()
+        foreign = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in own]
+        if foreign:
+            from ..registry import get_registry
+
+            weight_map = get_registry().hook.lmport_weight_mapping(config=self.config, model_class=type(self))
+            for key in foreign:
+                name = key[len(prefix) :]
+                if weight_map.ignored(name):  # dropped as from_pretrained drops it
+                    del state_dict[key]
+                    continue
+                parts = weight_map.to_module(name, state_dict[key])
+                if all(part in own for part, _ in parts):
+                    del state_dict[key]
+                    state_dict.update((prefix + part, tensor) for part, tensor in parts)
+        for target in self.tied_parameter_names():
+            source = prefix + self.tied_weights[target]
+            if prefix + target not in state_dict and source in state_dict:
+                state_dict[prefix + target] = state_dict[source]
+
     # --- saving -----------------------------------------------------------------------------
 
     def save_pretrained(
         self,
         save_directory: str | os.PathLike[str],
-        *,
-        max_shard_size: int | str = "5GB",
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        state_dict: dict[str, torch.Tensor] | None = None,
         is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        variant: str | None = None,
+        token: str | bool | None = None,
+        save_peft_format: bool = True,
+        save_original_format: bool = True,
+        distributed_checkpoint: bool = False,
+        *,
+        safe_serialization: bool = True,
+        save_function: Any = None,
+        **kwargs: Any,
     ) -> Path:
         """Write ``config.json`` and weights in the Hugging Face layout; returns the folder.
 
-        Weights go through the weight map backwards, so transformers (and lmport)
-        load the folder. Shards are ``model-0000i-of-0000n.safetensors`` with an
-        index when the weights exceed ``max_shard_size``.
+        Takes transformers' arguments. Weights go through the weight map backwards, so
+        transformers (and lmport) load the folder. Shards are ``model-0000i-of-0000n.safetensors``
+        with an index when the weights exceed ``max_shard_size``; ``safe_serialization=False``
+        writes ``pytorch_model.bin`` with ``save_function`` (``torch.save`` by default).
+        ``push_to_hub=True`` then uploads what the save wrote (and a model card) to ``repo_id``
+        (default: the folder's name), with ``commit_message``, ``commit_description``,
+        ``revision``, ``create_pr``, ``token`` and ``create_repo``'s ``private``, ``visibility``,
+        ``resource_group_id``, ``region`` from ``kwargs``. ``save_peft_format`` has no effect
+        (peft saves its own adapters). Other arguments raise :class:`~lmport.errors.ArgumentError`.
         """
         from ..saving import save_model
 
         return save_model(
             self,
             Path(save_directory),
-            max_shard_size=max_shard_size,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            state_dict=state_dict,
             is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
+            max_shard_size=max_shard_size,
+            variant=variant,
+            token=token,
+            safe_serialization=safe_serialization,
+            save_function=save_function,
+            save_peft_format=save_peft_format,
+            save_original_format=save_original_format,
+            distributed_checkpoint=distributed_checkpoint,
+            **kwargs,
         )

@@ -129,6 +129,7 @@ class GPT2LMHeadModel(PreTrainedCausalLM):
             norm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon),
             embed_positions=nn.Embedding(config.max_position_embeddings, config.hidden_size),
             embed_dropout=config.embd_pdrop,
+            embed_token_types=True,  # token_type_ids index wte, as in transformers' GPT2Model
         )
         super().__init__(config, model)
 
