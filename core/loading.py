@@ -19,6 +19,7 @@ from torch import nn
 from .attention import AttentionKernel
 from .config import CONFIG_NAME, PretrainedConfig, read_config_json
 from .modeling.base import build_on_meta
+from .generation_config import GenerationConfig, read_generation_config
 from .errors import (
     ArgumentError,
     AttentionKernelError,
@@ -45,7 +46,7 @@ logger = logging.getLogger("lmport")
 IGNORED_ARGUMENTS = frozenset(
     {"low_cpu_mem_usage", "_fast_init", "offload_state_dict", "resume_download", "mirror", "from_tf", "from_flax",
      "_from_auto", "_from_pipeline", "use_kernels", "tp_plan", "tp_size", "device_mesh", "key_mapping_strict",
-     "adapter_kwargs", "generation_config", "output_attentions", "output_hidden_states", "return_unused_kwargs",
+     "adapter_kwargs", "output_attentions", "output_hidden_states", "return_unused_kwargs",
      "_commit_hash"}
 )  # fmt: skip
 #: transformers arguments this version does not serve: refused clearly rather than ignored.
@@ -356,6 +357,7 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     trust_remote_code = kwargs.pop("trust_remote_code", None)
     plugin = kwargs.pop("plugin", None)
     config_arg = kwargs.pop("config", None)
+    generation_config_arg = kwargs.pop("generation_config", None)
 
     dtype = kwargs.pop("dtype", None)
     torch_dtype = kwargs.pop("torch_dtype", None)
@@ -482,11 +484,34 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     placement.finalize(model)
     model.config.dtype = str(target_dtype).removeprefix("torch.")
     model.name_or_path = str(name_or_path)
+    model.generation_config = load_generation_config(
+        folder, model.config, generation_config_arg, config_overrides if config_arg is None else {}
+    )
     model.eval()
     logger.info("loaded %s from %s with attention kernel %r", type(model).__name__, folder, kernel.name)
     if output_loading_info:
         return model, report.as_dict()
     return model
+
+
+def load_generation_config(
+    folder: Path, config: PretrainedConfig, given: Any, overrides: dict[str, Any]
+) -> GenerationConfig:
+    """The loaded model's generation config: ``given`` (lmport's or transformers'), else the folder's
+    ``generation_config.json``, else derived from ``config``; token-id overrides of ``from_pretrained``
+    (``eos_token_id=...``) apply to it too."""
+    if given is not None:
+        try:
+            result = GenerationConfig.from_any(given)
+        except TypeError as exc:
+            raise ArgumentError(f"from_pretrained: generation_config: {exc}") from exc
+        assert result is not None
+        return result.copy()
+    loaded = read_generation_config(folder)
+    if loaded is None:
+        return GenerationConfig.from_model_config(config)
+    loaded.update(**{k: v for k, v in overrides.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    return loaded
 
 
 def _quantization_settings(quantization_config: Any, load_in_4bit: bool, load_in_8bit: bool) -> Any:
