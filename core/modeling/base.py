@@ -318,7 +318,8 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
             logits_to_keep: keep only the last N positions' logits (0 keeps all), or the positions given.
             num_items_in_batch: divide the summed loss by this (gradient accumulation).
             ignore_index: the label that takes no loss.
-            shift_labels: (keyword) ``(batch, seq)`` targets already shifted, in place of ``labels``;
+            shift_labels: (keyword) ``(batch, seq)`` targets already shifted, used in place of shifting
+                ``labels`` (a loss is taken only when ``labels`` are given, as in transformers);
                 read from ``**kwargs`` so that Trainer, which takes every forward parameter named
                 like ``*label*`` for a label column, sees ``labels`` alone, as with transformers' models.
             past_key_values: a :class:`~lmport.cache.KVCache` of earlier positions (updated in place).
@@ -356,7 +357,7 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
             hidden = hidden[:, logits_to_keep, :]
         logits = self.lm_head(hidden)
         loss = None
-        if labels is not None or shift_labels is not None:
+        if labels is not None:
             loss = causal_lm_loss(
                 logits, labels, self.config.vocab_size, num_items_in_batch, ignore_index, shift_labels
             )

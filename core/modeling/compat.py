@@ -52,7 +52,7 @@ class TransformersCompat:
     #: accumulated batch and divided by it) and does not divide by the accumulation steps again.
     accepts_loss_kwargs: ClassVar[bool] = True
     #: Checkpoint names a save may leave out (Trainer reads it after ``load_state_dict``); none.
-    _keys_to_ignore_on_save: ClassVar[set[str] | None] = None
+    _keys_to_ignore_on_save: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def loss_type(self) -> str | None:

@@ -24,7 +24,7 @@ def causal_lm_loss(
         assert labels is not None
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].contiguous()
     logits = logits.view(-1, vocab_size)
-    shift_labels = shift_labels.view(-1).to(logits.device)
+    shift_labels = shift_labels.reshape(-1).to(logits.device)
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
     if num_items_in_batch is not None:
