@@ -13,6 +13,7 @@ from .architecture import Architecture
 from .attention import AttentionKernel, AttentionMask
 from .auto import AutoConfig, AutoModelForCausalLM
 from .config import PretrainedConfig
+from .generation_config import GenerationConfig
 from .errors import (
     ArgumentError,
     AuthenticationError,
@@ -25,6 +26,7 @@ from .errors import (
     AttentionKernelError,
     ConfigError,
     CorruptWeightsError,
+    GenerationSettingError,
     LmportError,
     MissingShardError,
     MissingWeightsError,
@@ -43,11 +45,15 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .hookspecs import hookimpl, hookspec
+from . import integrations as _integrations
 from .quantization import BitsAndBytesConfig
 from .registry import get_registry
 from .weights import Rename, Split, Transpose, WeightMap
 
 __version__ = "0.1.0"
+
+# Post-import patches for transformers' Trainer and peft (see lmport.integrations).
+_integrations.install()
 
 
 def register(plugin: Any, *, name: str | None = None, override: bool = False) -> Any:
@@ -89,6 +95,8 @@ __all__ = [
     "BitsAndBytesConfig",
     "ConfigError",
     "CorruptWeightsError",
+    "GenerationConfig",
+    "GenerationSettingError",
     "LmportError",
     "MissingShardError",
     "MissingWeightsError",

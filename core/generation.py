@@ -186,6 +186,9 @@ class GenerationMixin:
                 (transformers' ``TextStreamer`` works).
             attention_mask: 1 for prompt tokens, 0 for padding (inferred from ``pad_token_id``
                 when it differs from every eos id).
+            token_type_ids: ``(batch, prompt_len)`` token types for models that embed them (GPT-2); each
+                new token repeats its row's last type, as in transformers. Other models refuse them
+                (``ArgumentError``), as transformers' ``generate`` does.
             tokenizer: the tokenizer ``stop_strings`` are matched with.
             generator: a ``torch.Generator`` for sampling (lmport's addition; default: torch's global one).
 
@@ -221,6 +224,12 @@ class GenerationMixin:
         input_ids = inputs if inputs is not None else input_ids
 
         gc, model_kwargs, default_max_length = self._merged_generation_config(generation_config, kwargs)
+        token_type_ids = model_kwargs.pop("token_type_ids", None)
+        if token_type_ids is not None and not getattr(getattr(self, "model", None), "embed_token_types", False):
+            raise ArgumentError(  # transformers' generate refuses them too (its forward has no such parameter)
+                f"generate: {type(self).__name__} does not use token_type_ids; only models with token types "
+                "(GPT-2) take them"
+            )
         attention_mask, position_ids = self._model_inputs(model_kwargs)
         unsupported = unsupported_settings(gc)
         if unsupported:
@@ -260,10 +269,19 @@ class GenerationMixin:
         if position_ids is None:
             position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         position_ids = position_ids.to(device)
+        if token_type_ids is not None:
+            if not isinstance(token_type_ids, torch.Tensor) or token_type_ids.shape != input_ids.shape:
+                shape = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else token_type_ids
+                raise GenerationSettingError(
+                    f"token_type_ids must have the prompt's shape {tuple(input_ids.shape)}, got {shape}"
+                )
+            token_type_ids = token_type_ids.to(device)
         if num_return > 1:
             input_ids, attention_mask, position_ids = (
                 t.repeat_interleave(num_return, dim=0) for t in (input_ids, attention_mask, position_ids)
             )
+            if token_type_ids is not None:
+                token_type_ids = token_type_ids.repeat_interleave(num_return, dim=0)
 
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -296,8 +314,10 @@ class GenerationMixin:
         cache = KVCache() if use_cache else None
         tokens = input_ids
         unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=device)
-        step_ids, step_pos = tokens, position_ids
+        step_ids, step_pos, step_types = tokens, position_ids, token_type_ids
         while tokens.shape[1] < max_length:
+            # token_type_ids: only when given (as transformers passes them), each new token repeating the last type
+            types = {} if step_types is None else {"token_type_ids": step_types}
             out = self(  # type: ignore[operator]
                 input_ids=step_ids,
                 attention_mask=attention_mask,
@@ -306,6 +326,7 @@ class GenerationMixin:
                 use_cache=use_cache,
                 logits_to_keep=1,
                 output_hidden_states=hidden is not None,
+                **types,
             )
             logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=device)
             next_scores = gp.apply(processors, tokens, logits)
@@ -333,6 +354,9 @@ class GenerationMixin:
             next_pos = position_ids[:, -1:] + 1
             position_ids = torch.cat([position_ids, next_pos], dim=-1)
             step_ids, step_pos = (next_tokens[:, None], next_pos) if use_cache else (tokens, position_ids)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat([token_type_ids, token_type_ids[:, -1:]], dim=-1)
+                step_types = token_type_ids[:, -1:] if use_cache else token_type_ids
         if streamer is not None:
             streamer.end()
         if not return_dict:
@@ -370,7 +394,7 @@ class GenerationMixin:
         found = {name: model_kwargs.pop(name, None) for name in _MODEL_INPUTS}
         for name in _DERIVED_INPUTS:
             model_kwargs.pop(name, None)
-        for name in ("past_key_values", "cache", "inputs_embeds", "token_type_ids"):
+        for name in ("past_key_values", "cache", "inputs_embeds"):
             if model_kwargs.get(name) is not None:
                 raise UnsupportedFeatureError(f"generate: {name} is not supported by lmport")
         unknown = sorted(k for k, v in model_kwargs.items() if v is not None)

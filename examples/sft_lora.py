@@ -80,12 +80,12 @@ def main() -> None:
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         use_cpu=not torch.cuda.is_available(),
     )
-    # Named explicitly: peft's "all-linear" leaves out the output head only for transformers' own classes.
+    # --target-modules all-linear works too: it leaves out the output head as on transformers' models.
     peft_config = LoraConfig(
         r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         lora_dropout=0.0,
-        target_modules=args.target_modules.split(","),
+        target_modules="all-linear" if args.target_modules == "all-linear" else args.target_modules.split(","),
         task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(

@@ -497,3 +497,30 @@ def test_refused_settings(ours: Any, kwargs: dict[str, Any], error: type[Excepti
     with pytest.raises(error, match=match) as info:
         ours("llama").generate(ids, max_new_tokens=2, **kwargs)
     assert isinstance(info.value, lmport.LmportError)
+
+
+# --- token_type_ids ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_type_ids_as_transformers(ours: Any, ref: Any, arch: str) -> None:
+    """GPT-2 embeds ``token_type_ids`` (each new token repeats its row's last type); the models whose
+    forward has no token types refuse them in ``generate``, as transformers' do."""
+    ids, mask = prompts()
+    types = torch.zeros_like(ids)
+    types[0, 4:], types[1, 5:] = 5, 9  # the rows end on different, nonzero types
+    base: dict[str, Any] = {"attention_mask": mask, "max_new_tokens": NEW, "pad_token_id": PAD, "eos_token_id": NO_EOS}
+    if arch != "gpt2":
+        with pytest.raises(ValueError, match="token_type_ids"):
+            hf_generate(ref(arch), ids, token_type_ids=types, **base)
+        with pytest.raises(lmport.ArgumentError, match="token_type_ids"):
+            ours(arch).generate(ids, token_type_ids=types, **base)
+        return
+    got = ours(arch).generate(ids, token_type_ids=types, **base)
+    assert_same(got, hf_generate(ref(arch), ids, token_type_ids=types, **base))
+    assert not torch.equal(got, ours(arch).generate(ids, **base)), "token types changed nothing"
+    # no cache: every step sees the whole sequence's types
+    no_cache = ours(arch).generate(ids, token_type_ids=types, use_cache=False, **base)
+    assert_same(no_cache, hf_generate(ref(arch), ids, token_type_ids=types, use_cache=False, **base))
+    with pytest.raises(lmport.GenerationSettingError, match="token_type_ids"):
+        ours(arch).generate(ids, token_type_ids=types[:, 1:], **base)

@@ -321,7 +321,7 @@ def test_trainer_save_hook(tmp_path: Path, checkpoints: dict[str, Path], monkeyp
         "assert 'transformers.trainer' not in sys.modules\n"
         "import transformers.trainer as t\n"
         "print(getattr(t.Trainer._save, '__lmport_wrapped__', False),"
-        " any(type(f).__name__ == '_TrainerFinder' for f in sys.meta_path))\n"
+        " any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))\n"
     )
     env = {**os.environ, integrations.ENV: "1", "TRANSFORMERS_VERBOSITY": "error"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
