@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
+import re
+import reprlib
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
 
@@ -16,20 +21,114 @@ C = TypeVar("C", bound="PretrainedConfig")
 
 CONFIG_NAME = "config.json"
 
+logger = logging.getLogger("lmport")
+
+# --- bounds on what config.json may declare ------------------------------------------------
+# Far above any released model, low enough that a lying config.json is refused at parse time,
+# before a model is built (a meta-device build costs about 1 ms and 35 KB per layer).
+
+#: Most token embeddings (largest released vocabularies: about 262k).
+MAX_VOCAB_SIZE = 1 << 24
+#: Widest hidden state (largest released: 16,384-25,600).
+MAX_HIDDEN_SIZE = 1 << 17
+#: Widest MLP (largest released: about 100k).
+MAX_INTERMEDIATE_SIZE = 1 << 20
+#: Deepest stack (largest released: 126; 1,024 layers build on the meta device in about a second).
+MAX_LAYERS = 1024
+#: Most attention heads, query or key/value (largest released: 128).
+MAX_HEADS = 1 << 14
+#: Widest attention head (largest released: 256); bounds the rotary table built with the model.
+MAX_HEAD_DIM = 1 << 14
+#: Longest context (largest released: about 10M positions); also bounds windows.
+MAX_POSITIONS = 1 << 30
+#: Deepest JSON nesting in config.json (released configs nest 3-5 levels).
+MAX_JSON_DEPTH = 64
+#: Most digits of one JSON integer (an int64 has 19).
+MAX_INT_DIGITS = 100
+#: Largest config.json read (released configs are a few KB; label maps reach a few MB).
+MAX_CONFIG_BYTES = 16 << 20
+
+
+class _IntegerTooLong(Exception):
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise _IntegerTooLong(text)
+    return int(text)
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+# A JSON string, possessive (linear time), also ending at the end of the text if unterminated.
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.S)
+# Byte -> nesting step as int8: +1 for [ and {, -1 for ] and }, 0 otherwise.
+_NESTING_STEP = bytes(1 if b in b"[{" else 255 if b in b"]}" else 0 for b in range(256))
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects more than ``limit`` deep (brackets in strings ignored).
+
+    Linear in the text's length (a running sum over 4 MiB chunks), so a large hostile file costs
+    a fraction of a second, never a recursion.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    import torch
+
+    data = bytearray(_JSON_STRING.sub("", text).encode("utf-8").translate(_NESTING_STEP))
+    depth, chunk = 0, 1 << 22
+    for start in range(0, len(data), chunk):
+        steps = torch.frombuffer(data, dtype=torch.int8, offset=start, count=min(chunk, len(data) - start))
+        running = steps.cumsum(0, dtype=torch.int32) + depth
+        if int(running.max()) > limit:
+            return True
+        depth = int(running[-1])
+    return False
+
 
 def read_config_json(folder: Path) -> dict[str, Any]:
-    """Read and decode ``folder/config.json``, raising :class:`ConfigError` naming the file."""
+    """Read and decode ``folder/config.json``, raising :class:`ConfigError` naming the file.
+
+    The file may be at most :data:`MAX_CONFIG_BYTES`, nest at most :data:`MAX_JSON_DEPTH`
+    levels and hold integers of at most :data:`MAX_INT_DIGITS` digits.
+    """
+    from .shards import checked_file  # the symlink policy (lmport.shards)
+
     path = Path(folder) / CONFIG_NAME
-    if not path.is_file():
+    if checked_file(Path(folder), path, unreadable=ConfigError) is None:
         raise ConfigError(f"{path}: no {CONFIG_NAME} in checkpoint folder {folder}")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            blob = f.read(MAX_CONFIG_BYTES + 1)
+        if len(blob) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a model config")
+        text = blob.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot be read: {exc}") from exc
+    text = text.removeprefix("\ufeff")
+    if _nesting_exceeds(text, MAX_JSON_DEPTH):
+        raise ConfigError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; not a model config")
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except _IntegerTooLong as exc:
+        pos = max(text.find(exc.digits), 0)
+        line, col = _line_col(text, pos)
+        key = re.search(r'"((?:[^"\\]|\\.)*)"\s*:\s*$', text[max(0, pos - 1000) : pos])
+        where = f"key {key.group(1)!r}" if key else "a value"
+        raise ConfigError(
+            f"{path}: {where} (line {line}, column {col}) is an integer of {len(exc.digits)} digits; "
+            f"at most {MAX_INT_DIGITS} are accepted"
+        ) from None
+    except (RecursionError, ValueError) as exc:  # ValueError: a limit of the decoder itself
+        raise ConfigError(f"{path}: cannot be decoded: {type(exc).__name__}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     return raw
@@ -64,12 +163,180 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+# --- declarative per-key checks ------------------------------------------------------------
+
+#: A check of one config value: returns ``None`` when ``value`` is acceptable, else what it
+#: must be (``"must be a positive integer"``); the config's key and value are added to the
+#: message. Receives the whole config for checks relative to other fields (token ids).
+#: Returning an :class:`Advisory` logs it as a warning instead.
+Check = Callable[[Any, Any], Union[str, None]]
+
+
+class Advisory(str):
+    """What a :data:`Check` returns for a value it accepts with a logged warning."""
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlist = _short.maxdict = 8
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_real(value: Any) -> float | None:
+    """``value`` as a finite float, or ``None`` (not a number, a bool, NaN, infinite, too large)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer:
+    """An integer within ``[min, max]`` (bools refused)."""
+
+    min: int = 1
+    max: int | None = None
+
+    def __call__(self, value: Any, config: Any) -> str | None:
+        if _is_int(value) and value >= self.min and (self.max is None or value <= self.max):
+            return None
+        if self.max is None:
+            return "must be a positive integer" if self.min == 1 else f"must be an integer >= {self.min}"
+        lower = "a positive integer" if self.min == 1 else f"an integer >= {self.min}"
+        return f"must be {lower} of at most {self.max:,}"
+
+
+def Size(max: int) -> Integer:  # noqa: N802 - reads as a type in field_checks
+    """A positive integer of at most ``max``: a dimension or a count."""
+    return Integer(1, max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Real:
+    """A finite number (int or float) within the interval; NaN and infinities are refused."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+
+    def __call__(self, value: Any, config: Any) -> str | None:
+        number = _as_real(value)
+        ok = number is not None
+        if ok and self.min is not None:
+            ok = number > self.min if self.min_open else number >= self.min
+        if ok and self.max is not None:
+            ok = number < self.max if self.max_open else number <= self.max
+        if ok:
+            return None
+        bounds = []
+        if self.min is not None:
+            bounds.append(f"{'>' if self.min_open else '>='} {self.min:g}")
+        if self.max is not None:
+            bounds.append(f"{'<' if self.max_open else '<='} {self.max:g}")
+        return "must be a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
+
+
+#: A finite number > 0 (epsilons, scales).
+Positive = Real(0.0, min_open=True)
+#: A dropout probability: a finite number in [0, 1).
+Probability = Real(0.0, 1.0, max_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """A string among ``options`` (a collection, or a function returning one: a registry read at check time)."""
+
+    options: Iterable[str] | Callable[[], Iterable[str]]
+    what: str = "value"
+
+    def __call__(self, value: Any, config: Any) -> str | None:
+        options = self.options() if callable(self.options) else self.options
+        if isinstance(value, str) and value in options:
+            return None
+        return f"must be a known {self.what} ({', '.join(sorted(options))})"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceOf:
+    """A value of one of ``types`` (for keys kept in :attr:`PretrainedConfig.extra`, which have no type hint)."""
+
+    types: tuple[type, ...]
+    what: str
+
+    def __call__(self, value: Any, config: Any) -> str | None:
+        return None if isinstance(value, self.types) and not isinstance(value, bool) else f"must be {self.what}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenId:
+    """A token id (or a list of them, for ``eos_token_id``): integers in ``[0, vocab_size)``.
+
+    ``strict=False`` accepts ids at or above ``vocab_size`` with a logged warning, as
+    transformers does: its own configs keep GPT-2's default ids (50256) when the vocabulary
+    is shrunk, and an id the model never indexes (one only ``generate`` compares against)
+    is harmless. Use ``strict=True`` for ids the model indexes (Llama's ``pad_token_id``
+    is its embedding's padding row).
+    """
+
+    strict: bool = False
+
+    def __call__(self, value: Any, config: Any) -> str | None:
+        ids = value if isinstance(value, list) else [value]
+        vocab = getattr(config, "vocab_size", None)
+        if self.strict and _is_int(value) and _is_int(vocab) and -vocab <= value < 0:
+            # torch.nn.Embedding counts a negative padding_idx from the end, as transformers' models do
+            # with the pad_token_id -1 some hub configs carry.
+            return Advisory(f"is negative: the embedding's padding row is {vocab + value} (counted from the end)")
+        if not all(_is_int(i) and i >= 0 for i in ids):
+            return "must be a non-negative integer token id" + (" or a list of them" if isinstance(value, list) else "")
+        if _is_int(vocab) and any(i >= vocab for i in ids):
+            if self.strict:
+                return f"must be a token id below vocab_size ({vocab})"
+            return Advisory(f"is outside the vocabulary (vocab_size {vocab}); generation can never produce it")
+        return None
+
+
+#: Floating dtypes lmport computes in, by the names ``config.json`` may give them.
+COMPUTE_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "float", "half", "double"})
+
+
+def FloatDtype(value: Any, config: Any) -> str | None:  # noqa: N802 - used like the classes above
+    """``dtype``: a floating dtype lmport can compute in (not float8/float4, integers or complex), or ``"auto"``."""
+    if isinstance(value, str) and (value in COMPUTE_DTYPES or value == "auto"):
+        return None
+    if type(value).__name__ == "dtype" and str(value).removeprefix("torch.") in COMPUTE_DTYPES:
+        return None  # a torch.dtype set by user code
+    return f"must be a floating dtype lmport computes in ({', '.join(sorted(COMPUTE_DTYPES))})"
+
+
 @dataclasses.dataclass
 class PretrainedConfig:
     """Fields every causal LM shares; subclasses add their own as dataclass fields.
 
     Keys of ``config.json`` that are not fields are kept in :attr:`extra` and
     written back by :meth:`to_dict`, so a load/save round trip loses nothing.
+
+    Validation, at construction and after :meth:`update`, runs in two steps:
+
+    1. :attr:`field_checks`, declared per key: each value's type is checked against the
+       field's hint when read from ``config.json``, then its check (range, finiteness,
+       membership) runs. A subclass declares only its own keys; the dicts of all base
+       classes are merged (a subclass's entry replaces its base's, ``None`` removes it).
+       ``None`` values (unset optional fields) are not checked.
+    2. :meth:`validate`, for what spans several fields (divisibility, derived defaults),
+       called once every field passed its check.
+
+    A failure is a ``ValueError`` naming the ``config.json`` key; parsing ``config.json``
+    turns it into :class:`ConfigError` naming the file, overrides into :class:`ArgumentError`.
     """
 
     model_type: ClassVar[str] = ""
@@ -77,6 +344,19 @@ class PretrainedConfig:
     hf_architecture: ClassVar[str] = ""
     #: Field name → the key ``config.json`` uses for it, where they differ (GPT-2's ``n_embd``).
     json_names: ClassVar[dict[str, str]] = {}
+    #: Key → check of its value (see :data:`Check`); keys are field names, or ``config.json``
+    #: keys kept in :attr:`extra`. Merged with the base classes' dicts.
+    field_checks: ClassVar[Mapping[str, Check | None]] = {
+        "vocab_size": Size(MAX_VOCAB_SIZE),
+        "hidden_size": Size(MAX_HIDDEN_SIZE),
+        "num_hidden_layers": Size(MAX_LAYERS),
+        "bos_token_id": TokenId(),
+        "eos_token_id": TokenId(),
+        "pad_token_id": TokenId(),
+        "initializer_range": Real(0.0),
+        "dtype": FloatDtype,
+        "attn_implementation": InstanceOf((str,), "the name of an attention kernel (a string)"),
+    }
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -95,8 +375,10 @@ class PretrainedConfig:
     @classmethod
     def from_dict(cls: type[C], raw: dict[str, Any], source: str = CONFIG_NAME) -> C:
         """Build a config from a decoded ``config.json``; wrong types raise :class:`ConfigError`."""
-        raw = dict(raw)
-        raw = cls._upgrade_legacy(raw)
+        try:
+            raw = cls._upgrade_legacy(dict(raw))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
@@ -136,21 +418,63 @@ class PretrainedConfig:
     @classmethod
     def _upgrade_legacy(cls, raw: dict[str, Any]) -> dict[str, Any]:
         """Rewrite older spellings of fields into current ones (subclasses extend)."""
-        if "dtype" not in raw and "torch_dtype" in raw:
-            raw["dtype"] = raw.pop("torch_dtype")
+        key = "dtype"
+        if raw.get("dtype") is None and "torch_dtype" in raw:
+            key, raw["dtype"] = "torch_dtype", raw.pop("torch_dtype")
+        if isinstance(raw.get("dtype"), str):
+            raw["dtype"] = raw["dtype"].removeprefix("torch.")
+        if raw.get("dtype") is not None and (problem := FloatDtype(raw["dtype"], None)):
+            raise ValueError(f"key {key!r} {problem}, got {_short.repr(raw['dtype'])}")
         for name, key in cls.json_names.items():
             if key in raw:
                 raw[name] = raw.pop(key)
         return raw
 
     def __post_init__(self) -> None:
+        self.check_fields()
         self.validate()
 
+    @classmethod
+    def all_field_checks(cls) -> dict[str, Check]:
+        """:attr:`field_checks` of this class and its bases, merged (the most derived class wins)."""
+        merged: dict[str, Check | None] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("field_checks", {}))
+        return {key: check for key, check in merged.items() if check is not None}
+
+    def check_fields(self) -> None:
+        """Run every declared field check; raise ``ValueError`` naming the first key at fault."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for name, check in self.all_field_checks().items():
+            if name in names:
+                value = getattr(self, name)
+            elif name in self.extra:
+                value = self.extra[name]
+            else:
+                continue
+            if value is None:
+                continue
+            problem = check(value, self)
+            if isinstance(problem, Advisory):
+                seen = (type(self).__name__, name, f"{_short.repr(value)} {problem}")
+                if seen not in _warned:  # once per process, as transformers' warning_once
+                    _warned.add(seen)
+                    logger.warning("%s: key %s = %s", type(self).__name__, self.key_repr(name), seen[2])
+            elif problem:
+                raise ValueError(f"key {self.key_repr(name)} {problem}, got {_short.repr(value)}")
+
+    @classmethod
+    def key_repr(cls, name: str) -> str:
+        """``'key'`` as ``config.json`` spells field ``name``, for messages (``'n_embd' (hidden_size)``)."""
+        key = cls.json_names.get(name)
+        return f"{key!r} ({name})" if key else repr(name)
+
     def validate(self) -> None:
-        """Check cross-field constraints; raise ``ValueError`` with a readable message."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        """Cross-field checks and derived defaults, run after every field passed :attr:`field_checks`.
+
+        Subclasses extend it (calling ``super().validate()`` first) and raise ``ValueError``
+        naming the ``config.json`` keys at fault.
+        """
 
     # --- access --------------------------------------------------------------------
 
@@ -169,6 +493,7 @@ class PretrainedConfig:
                 raise ArgumentError(f"override {key}={value!r} must be {_type_name(hints[key])}")
             setattr(self, key, value)
         try:
+            self.check_fields()
             self.validate()
         except ValueError as exc:
             raise ArgumentError(f"after overrides {sorted(overrides)}: {exc}") from exc
@@ -224,6 +549,7 @@ class PretrainedConfig:
         ``token`` and the hub arguments :meth:`PreTrainedCausalLM.save_pretrained` takes, as
         transformers' config does.
         """
+        from .atomic import write_text
         from .hub_upload import HubUpload, default_commit_message, split_hub_kwargs
 
         folder = Path(save_directory)
@@ -236,10 +562,7 @@ class PretrainedConfig:
         elif kwargs:
             raise ArgumentError(f"{type(self).__name__}.save_pretrained got unexpected argument(s) {sorted(kwargs)}")
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / CONFIG_NAME
-        tmp = folder / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(self.to_json_string(), encoding="utf-8")
-        os.replace(tmp, path)
+        path = write_text(folder / CONFIG_NAME, self.to_json_string())  # atomic and fsynced (lmport.atomic)
         if upload is not None and upload_args is not None:
             message = upload_args.pop("commit_message", None) or default_commit_message(self)
             upload.commit(folder, [CONFIG_NAME], commit_message=message, model_card=False, **upload_args)

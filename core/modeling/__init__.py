@@ -1,6 +1,6 @@
 """Shared model building blocks that architecture plugins compose."""
 
-from .activations import ACTIVATIONS, get_activation
+from .activations import ACTIVATIONS, KnownActivation, get_activation, register_activation
 from .base import DecoderModel, PreTrainedCausalLM
 from .decoder import RopeDecoderConfig, build_rope_decoder
 from .layers import MLP, Attention, DecoderLayer, GatedMLP, RMSNorm
@@ -16,6 +16,7 @@ __all__ = [
     "DecoderLayer",
     "DecoderModel",
     "GatedMLP",
+    "KnownActivation",
     "MLP",
     "ModelOutput",
     "PreTrainedCausalLM",
@@ -26,6 +27,7 @@ __all__ = [
     "build_rope_decoder",
     "causal_lm_loss",
     "get_activation",
+    "register_activation",
     "standardize_rope_parameters",
     "validate_rope_parameters",
 ]

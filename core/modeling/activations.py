@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..config import OneOf
+
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -48,6 +50,22 @@ ACTIVATIONS: dict[str, Activation] = {
     "tanh": torch.tanh,
     "linear": lambda x: x,
 }
+
+
+#: The field check of a key naming an activation (``hidden_act``, ``activation_function``): one of
+#: :data:`ACTIVATIONS`, read when the check runs (so :func:`register_activation` extends it).
+KnownActivation = OneOf(lambda: ACTIVATIONS, "activation")
+
+
+def register_activation(name: str, fn: Activation) -> None:
+    """Make ``name`` a known activation (``hidden_act`` in ``config.json``), computing ``fn``.
+
+    Raises:
+        ValueError: ``name`` is already registered to another function.
+    """
+    if ACTIVATIONS.get(name, fn) is not fn:
+        raise ValueError(f"activation {name!r} is already registered")
+    ACTIVATIONS[name] = fn
 
 
 def get_activation(name: str) -> Activation:

@@ -7,7 +7,19 @@ from typing import Any
 
 from torch import nn
 
-from ..config import PretrainedConfig
+from ..config import (
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_INTERMEDIATE_SIZE,
+    MAX_POSITIONS,
+    Positive,
+    PretrainedConfig,
+    Probability,
+    Real,
+    Size,
+    TokenId,
+)
+from .activations import KnownActivation
 from .base import DecoderModel
 from .layers import Attention, DecoderLayer, GatedMLP, RMSNorm
 from .rope import RotaryEmbedding, standardize_rope_parameters, validate_rope_parameters
@@ -19,7 +31,21 @@ class RopeDecoderConfig(PretrainedConfig):
 
     ``rope_scaling`` + ``rope_theta`` (legacy) and ``rope_parameters`` (current) in
     ``config.json`` both end up in :attr:`rope_parameters`, which is what is saved.
+    ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
+    ``num_key_value_heads`` to ``num_attention_heads``.
     """
+
+    field_checks = {
+        "intermediate_size": Size(MAX_INTERMEDIATE_SIZE),
+        "num_attention_heads": Size(MAX_HEADS),
+        "num_key_value_heads": Size(MAX_HEADS),
+        "head_dim": Size(MAX_HEAD_DIM),
+        "hidden_act": KnownActivation,
+        "max_position_embeddings": Size(MAX_POSITIONS),
+        "rms_norm_eps": Positive,
+        "attention_dropout": Probability,
+        "pad_token_id": TokenId(strict=True),  # the embedding's padding row
+    }
 
     intermediate_size: int = 11008
     num_attention_heads: int = 32
@@ -37,35 +63,38 @@ class RopeDecoderConfig(PretrainedConfig):
         rope_scaling = raw.pop("rope_scaling", None)
         rope_theta = raw.pop("rope_theta", None)
         if rope_scaling is not None or rope_theta is not None or raw.get("rope_parameters") is not None:
-            raw["rope_parameters"] = standardize_rope_parameters(
-                raw.get("rope_parameters"),
-                rope_scaling,
-                rope_theta,
-                raw.get("max_position_embeddings", cls.max_position_embeddings),
-            )
+            if rope_theta is not None and Real(1.0, min_open=True)(rope_theta, None):
+                raise ValueError(f"key 'rope_theta' must be a finite number > 1, got {rope_theta!r:.60}")
+            max_positions = raw.get("max_position_embeddings", cls.max_position_embeddings)
+            params = standardize_rope_parameters(raw.get("rope_parameters"), rope_scaling, rope_theta, max_positions)
+            if Size(MAX_POSITIONS)(max_positions, None) is None:  # else its own check names it
+                key = "rope_scaling" if rope_scaling is not None else "rope_parameters"
+                validate_rope_parameters(params, key=key, warn=False)
+            raw["rope_parameters"] = params
         return raw
 
     def validate(self) -> None:
         super().validate()
-        if self.num_attention_heads <= 0:
-            raise ValueError(f"num_attention_heads must be positive, got {self.num_attention_heads}")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}) unless head_dim is given"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        self.rope_parameters = standardize_rope_parameters(
-            self.rope_parameters, None, None, self.max_position_embeddings
-        )
-        validate_rope_parameters(self.rope_parameters)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+        if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even: rotary embeddings rotate pairs of dimensions")
+        self.rope_parameters = standardize_rope_parameters(
+            self.rope_parameters, None, None, self.max_position_embeddings
+        )
+        validate_rope_parameters(self.rope_parameters, head_dim=self.head_dim)
 
 
 def build_rope_decoder(

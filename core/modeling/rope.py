@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -9,9 +10,68 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import MAX_POSITIONS
+
 RopeFn = Callable[[dict[str, Any], int, int, int | None], tuple[torch.Tensor, float]]
 
 _SCALED_WITH_ORIGINAL = ("llama3", "yarn", "longrope")
+
+logger = logging.getLogger("lmport")
+
+
+def _real(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _positive(value: Any) -> bool:
+    number = _real(value)
+    return number is not None and number > 0
+
+
+def _non_negative(value: Any) -> bool:
+    number = _real(value)
+    return number is not None and number >= 0
+
+
+def _position_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_POSITIONS
+
+
+#: Each key a RoPE type may read: what its value must be, as a test and in words.
+_ROPE_KEY_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "rope_type": (lambda v: isinstance(v, str), "a string"),
+    "rope_theta": (lambda v: (_real(v) or 0) > 1, "a finite number > 1"),
+    "factor": (_positive, "a finite number > 0"),
+    "original_max_position_embeddings": (_position_count, f"a positive integer of at most {MAX_POSITIONS:,}"),
+    "low_freq_factor": (_positive, "a finite number > 0"),
+    "high_freq_factor": (_positive, "a finite number > 0"),
+    "attention_factor": (lambda v: v is None or _positive(v), "a finite number > 0 or null"),
+    "beta_fast": (lambda v: v is None or _non_negative(v), "a finite number >= 0 or null"),
+    "beta_slow": (lambda v: v is None or _non_negative(v), "a finite number >= 0 or null"),
+    "mscale": (lambda v: v is None or _non_negative(v), "a finite number >= 0 or null"),
+    "mscale_all_dim": (lambda v: v is None or _non_negative(v), "a finite number >= 0 or null"),
+    "truncate": (lambda v: isinstance(v, bool), "true or false"),
+    "partial_rotary_factor": (lambda v: _real(v) == 1.0, "1.0 (partial rotation is not supported)"),
+}
+
+#: rope_type → (required keys, optional keys), besides ``rope_type``, ``rope_theta`` and
+#: ``partial_rotary_factor`` (as transformers validates them).
+ROPE_TYPE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "yarn": (
+        ("factor", "original_max_position_embeddings"),
+        ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    ),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+}
 
 
 def standardize_rope_parameters(
@@ -21,7 +81,14 @@ def standardize_rope_parameters(
     max_position_embeddings: int,
     default_theta: float = 10_000.0,
 ) -> dict[str, Any]:
-    """Merge the legacy ``rope_scaling`` + ``rope_theta`` and the new ``rope_parameters`` into one dict."""
+    """Merge the legacy ``rope_scaling`` + ``rope_theta`` and the new ``rope_parameters`` into one dict.
+
+    Raises:
+        ValueError: ``rope_scaling`` or ``rope_parameters`` is not a dict (naming the key).
+    """
+    for key, value in (("rope_parameters", rope_parameters), ("rope_scaling", rope_scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"key {key!r} must be an object (a dict of RoPE settings) or null, got {value!r:.60}")
     params = dict(rope_scaling or rope_parameters or {})
     params.setdefault("rope_theta", rope_theta if rope_theta is not None else default_theta)
     rope_type = params.pop("type", None)
@@ -31,23 +98,42 @@ def standardize_rope_parameters(
     return params
 
 
-def validate_rope_parameters(params: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the key when a RoPE type lacks what it needs."""
-    rope_type = params["rope_type"]
-    required = {
-        "default": (),
-        "linear": ("factor",),
-        "dynamic": ("factor",),
-        "yarn": ("factor",),
-        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    }
-    if rope_type not in required:
-        raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(required)}")
-    for key in required[rope_type]:
-        if not isinstance(params.get(key), (int, float)) or isinstance(params.get(key), bool):
-            raise ValueError(f"rope_parameters[{key!r}] must be a number for rope_type {rope_type!r}")
+def validate_rope_parameters(
+    params: dict[str, Any], *, key: str = "rope_parameters", head_dim: int | None = None, warn: bool = True
+) -> None:
+    """Raise ``ValueError`` naming the key when RoPE settings are unknown, missing, mistyped or out of range.
+
+    Args:
+        params: a standardized dict (see :func:`standardize_rope_parameters`).
+        key: the ``config.json`` key they came from, for messages.
+        head_dim: the rotary dimension, checked against what the RoPE type needs.
+        warn: log keys the RoPE type does not read (as transformers does).
+    """
+    rope_type = params.get("rope_type")
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPE_KEYS:
+        raise ValueError(
+            f"{key}['rope_type'] {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPE_KEYS)}"
+        )
+    required, optional = ROPE_TYPE_KEYS[rope_type]
+    for name in required:
+        if params.get(name) is None:
+            raise ValueError(f"{key}[{name!r}] is required for rope_type {rope_type!r}")
+    for name, value in params.items():
+        rule = _ROPE_KEY_RULES.get(name)
+        if rule is not None and not rule[0](value):
+            raise ValueError(f"{key}[{name!r}] must be {rule[1]}, got {value!r:.60}")
     if rope_type in ("linear", "dynamic", "llama3") and params["factor"] < 1.0:
-        raise ValueError(f"rope_parameters['factor'] must be >= 1, got {params['factor']}")
+        raise ValueError(f"{key}['factor'] must be >= 1 for rope_type {rope_type!r}, got {params['factor']}")
+    if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
+        raise ValueError(
+            f"{key}['high_freq_factor'] ({params['high_freq_factor']}) must be greater than "
+            f"{key}['low_freq_factor'] ({params['low_freq_factor']})"
+        )
+    if head_dim is not None and rope_type == "dynamic" and head_dim <= 2:
+        raise ValueError(f"rope_type 'dynamic' needs head_dim > 2, got {head_dim}")
+    unknown = sorted(set(params) - {"rope_type", "rope_theta", "partial_rotary_factor", *required, *optional})
+    if unknown and warn:
+        logger.warning("%s: keys %s are not read by rope_type %r and are ignored", key, unknown, rope_type)
 
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:

@@ -5,8 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lmport.config import PretrainedConfig
-from lmport.modeling import ACTIVATIONS
+from lmport.config import (
+    MAX_HEADS,
+    MAX_INTERMEDIATE_SIZE,
+    MAX_POSITIONS,
+    Positive,
+    PretrainedConfig,
+    Probability,
+    Size,
+)
+from lmport.modeling import KnownActivation
 
 
 @dataclass
@@ -20,6 +28,16 @@ class GPT2Config(PretrainedConfig):
         "num_hidden_layers": "n_layer",
         "num_attention_heads": "n_head",
         "max_position_embeddings": "n_positions",
+    }
+    field_checks = {
+        "num_attention_heads": Size(MAX_HEADS),
+        "max_position_embeddings": Size(MAX_POSITIONS),
+        "n_inner": Size(MAX_INTERMEDIATE_SIZE),
+        "activation_function": KnownActivation,
+        "resid_pdrop": Probability,
+        "embd_pdrop": Probability,
+        "attn_pdrop": Probability,
+        "layer_norm_epsilon": Positive,
     }
 
     vocab_size: int = 50257
@@ -49,9 +67,5 @@ class GPT2Config(PretrainedConfig):
         super().validate()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"n_embd ({self.hidden_size}) must be a multiple of n_head ({self.num_attention_heads})")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(
-                f"activation_function {self.activation_function!r} is unknown; known: {', '.join(sorted(ACTIVATIONS))}"
-            )
         if self.add_cross_attention:
             raise ValueError("add_cross_attention=True (GPT-2 as an encoder-decoder's decoder) is not supported")

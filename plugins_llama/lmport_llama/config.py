@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lmport.config import MAX_HEADS, Size
 from lmport.modeling import RopeDecoderConfig
 
 
@@ -14,6 +15,7 @@ class LlamaConfig(RopeDecoderConfig):
 
     model_type: ClassVar[str] = "llama"
     hf_architecture: ClassVar[str] = "LlamaForCausalLM"
+    field_checks = {"pretraining_tp": Size(MAX_HEADS)}
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lmport.config import MAX_POSITIONS, Size
 from lmport.modeling import RopeDecoderConfig
 
 
@@ -14,6 +15,7 @@ class MistralConfig(RopeDecoderConfig):
 
     model_type: ClassVar[str] = "mistral"
     hf_architecture: ClassVar[str] = "MistralForCausalLM"
+    field_checks = {"sliding_window": Size(MAX_POSITIONS)}
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -24,8 +26,3 @@ class MistralConfig(RopeDecoderConfig):
     num_key_value_heads: int | None = 8
     max_position_embeddings: int = 4096 * 32
     sliding_window: int | None = 4096
-
-    def validate(self) -> None:
-        super().validate()
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive or null, got {self.sliding_window}")
