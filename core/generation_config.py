@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .errors import ConfigError, SourceError
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -217,13 +218,7 @@ class GenerationConfig:
         transformers does)."""
         raw = json.loads(self.to_json_string(use_diff=use_diff))
         raw.pop("compile_config", None)
-        path = Path(json_file_path)
-        tmp = path.with_name(f".{path.name}.tmp")  # replaced atomically: a reader never sees half a file
-        try:
-            tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text(json_file_path, json.dumps(raw, indent=2, sort_keys=True) + "\n")  # atomic and fsynced
 
     def save_pretrained(
         self, save_directory: str | os.PathLike[str], config_file_name: str | os.PathLike[str] | None = None
@@ -288,7 +283,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def read_generation_config(folder: str | os.PathLike[str]) -> GenerationConfig | None:
     """The checkpoint folder's ``generation_config.json``, or ``None`` if it has none."""
-    raw = read_json(Path(folder) / GENERATION_CONFIG_NAME)
+    from .shards import checked_file  # the symlink policy (lmport.shards)
+
+    path = Path(folder) / GENERATION_CONFIG_NAME
+    raw = read_json(path) if checked_file(Path(folder), path, unreadable=ConfigError) is not None else None
     return None if raw is None else GenerationConfig.from_dict(raw)
 
 

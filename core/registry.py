@@ -14,7 +14,7 @@ import importlib_metadata
 import pluggy
 
 from . import hookspecs
-from .errors import PluginConflictError, PluginError, PluginImportError, UnknownModelTypeError
+from .errors import ArgumentError, PluginConflictError, PluginError, PluginImportError, UnknownModelTypeError
 from .hookspecs import PROJECT_NAME, hookimpl
 
 logger = logging.getLogger("lmport")
@@ -176,6 +176,8 @@ class Registry:
     def choice(self, model_type: str, choose: str | None = None) -> str | None:
         """The distribution explicitly chosen for ``model_type``: ``choose``, else the :data:`CHOICE_ENV` setting."""
         if choose is not None:
+            if not isinstance(choose, str) or not choose.strip():
+                raise ArgumentError(f"plugin must be a distribution name (a non-empty string), got {choose!r}"[:300])
             return choose
         return _parse_choices(os.environ.get(CHOICE_ENV, "")).get(model_type)
 

@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .errors import DuplicateTensorError, UnsupportedTensorError
+
 # --- weight sources --------------------------------------------------------------
 
 
@@ -61,6 +63,69 @@ class WeightSource(Protocol):
     def close(self) -> None:
         """Release open files and maps."""
         ...
+
+
+#: The floating dtypes lmport computes in. A floating parameter loads only from a tensor of one of
+#: these (cast to the load's dtype), unless a quantizer claims it.
+COMPUTE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def check_unique(infos: Iterable[TensorInfo], index: Path | None = None) -> None:
+    """Refuse a tensor name stored in two files: which copy the checkpoint means cannot be known.
+
+    Raises:
+        DuplicateTensorError: naming the tensor, both files and the index.
+    """
+    seen: dict[str, Path] = {}
+    for info in infos:
+        first = seen.setdefault(info.name, info.file)
+        if first != info.file:
+            listed = f" ({index} lists it in {_listed_in(index, info.name)})" if index is not None else ""
+            raise DuplicateTensorError(
+                f"{info.file}: tensor {info.name!r} is also stored in {first}{listed}; a checkpoint must hold each "
+                "tensor once. Remove the stray copy or re-save the checkpoint"
+            )
+
+
+def _listed_in(index: Path, name: str) -> str:
+    from .shards import read_weight_map
+
+    try:
+        return repr(read_weight_map(index).get(name, "no shard"))
+    except Exception:  # only for the message
+        return "an unreadable entry"
+
+
+def check_loadable(info: TensorInfo, module_name: str, needed: torch.dtype) -> None:
+    """Refuse ``info`` for a parameter of dtype ``needed`` when its dtype cannot serve it.
+
+    A floating parameter needs a float16/bfloat16/float32/float64 tensor: integers,
+    booleans, complex numbers and float8 (a quantized format, meaningless without its
+    scales) are refused; so is a floating tensor for a non-floating parameter.
+
+    Raises:
+        UnsupportedTensorError: naming the file, the tensor and the parameter.
+    """
+    have = info.dtype
+    label = str(have).removeprefix("torch.")
+    where = f"{info.file}: tensor {info.name!r} is stored as {label}"
+    if needed.is_floating_point:
+        if have in COMPUTE_DTYPES:
+            return
+        if have.is_floating_point:  # float8 and narrower
+            raise UnsupportedTensorError(
+                f"{where}, a quantized format lmport cannot compute with, for {module_name!r}. Such a checkpoint "
+                "loads only with a quantization_config (in config.json) that an installed quantizer plugin serves; "
+                "otherwise load its unquantized original"
+            )
+        raise UnsupportedTensorError(
+            f"{where}, but {module_name!r} holds floating-point weights: the checkpoint is damaged or stored "
+            "quantized without a quantization_config in config.json"
+        )
+    if have.is_floating_point or have.is_complex or (have == torch.bool) != (needed == torch.bool):
+        raise UnsupportedTensorError(
+            f"{where}, but {module_name!r} is a {str(needed).removeprefix('torch.')} tensor"
+        )
 
 
 # --- patterns ------------------------------------------------------------------------
@@ -281,8 +346,11 @@ __all__ = [
     "Split",
     "TensorInfo",
     "Transpose",
+    "COMPUTE_DTYPES",
     "WeightMap",
     "WeightSource",
+    "check_loadable",
+    "check_unique",
     "dtype_bytes",
     "match",
     "translate",

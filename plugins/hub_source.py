@@ -67,7 +67,11 @@ _LOGIN = "pass token='hf_...' to from_pretrained, or log in once with `hf auth l
 
 def is_repo_id(name: str) -> bool:
     """Whether ``name`` is something this source serves: a valid hub repo id that is not a local path."""
-    if not name or Path(name).expanduser().exists():
+    try:
+        local = Path(name).expanduser().exists()
+    except (OSError, ValueError):  # not a usable path (too long): local_source reports it
+        return False
+    if not name or local:
         return False  # a local folder always wins (and a local file is local_source's to report)
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

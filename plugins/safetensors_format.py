@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lmport.errors import CorruptWeightsError
+from lmport.errors import CorruptWeightsError, UnsupportedTensorError, WeightsChangedError
 from lmport.hookspecs import hookimpl
 from lmport.options import LoadOptions
-from lmport.shards import find_weight_files, read_index
+from lmport.shards import find_weights
 from lmport.weights import TensorInfo
 
 SINGLE = "model.safetensors"
@@ -29,6 +29,8 @@ _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64,
+    "F8_E8M0": torch.float8_e8m0fnu,
 }  # fmt: skip
 
 
@@ -50,13 +52,17 @@ def _transient_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
     return torch.frombuffer(buffer, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
-def _data_offsets(path: Path) -> dict[str, int]:
-    """Absolute file offset of every tensor's bytes (the header is validated by ``safe_open`` first)."""
-    with path.open("rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-    base = 8 + header_len
-    return {k: base + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+def _data_offsets(fd: int, path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute file offsets (start, end) of every tensor's bytes (the header is validated by ``safe_open`` first,
+    so a failure here means the file changed since)."""
+    try:
+        header_len = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+        header = json.loads(os.pread(fd, header_len, 8))
+        base = 8 + header_len
+        return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items()
+                if k != "__metadata__"}  # fmt: skip
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
+        raise WeightsChangedError(f"{path}: its header changed while it was being loaded ({exc})") from exc
 
 
 class SafetensorsSource:
@@ -68,39 +74,80 @@ class SafetensorsSource:
     temporary ever stay resident: a load's memory is the loaded model's size.
     """
 
-    def __init__(self, files: list[Path], index: Path | None) -> None:
+    def __init__(self, files: list[Path], index: Path | None, weight_map: dict[str, Path] | None = None) -> None:
         self.files = files
         self.index = index
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
+        #: One descriptor per file, opened with its mapping: every read comes from the file that was listed,
+        #: even if it is deleted or replaced on disk meanwhile.
         self._fds: dict[Path, int] = {}
-        self._offsets: dict[Path, dict[str, int]] = {}
+        self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        for path in files:
-            try:
-                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            except (SafetensorError, OSError) as exc:
-                self._stack.close()
-                raise CorruptWeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
-        if index is not None:
-            self._check_index(index)
+        try:
+            for path in files:
+                self._open(path)
+            if index is not None:
+                self._check_index(index, weight_map)
+        except BaseException:
+            self.close()
+            raise
 
-    def _check_index(self, index: Path) -> None:
-        for name, shard in read_index(index).items():
+    def _open(self, path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as exc:
+            raise WeightsChangedError(f"{path}: vanished after the checkpoint's files were listed") from exc
+        except OSError as exc:
+            raise CorruptWeightsError(f"{path}: cannot be opened: {exc}") from exc
+        self._fds[path] = fd
+        try:
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            now = os.stat(path)
+        except (SafetensorError, OSError) as exc:
+            raise CorruptWeightsError(f"{path}: not a readable safetensors file: {exc}") from exc
+        opened = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            raise WeightsChangedError(f"{path}: was replaced while it was being opened; load again")
+
+    def _check_index(self, index: Path, weight_map: dict[str, Path] | None) -> None:
+        if weight_map is None:
+            from lmport.shards import read_index
+
+            weight_map = read_index(index)
+        for name, shard in weight_map.items():
             if name not in self._handles[shard].keys():
                 raise CorruptWeightsError(f"{index}: lists {name!r} in {shard.name}, which does not hold it")
 
     def infos(self) -> Iterator[TensorInfo]:
         for path, handle in self._handles.items():
             for name in handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys():
-                try:
-                    sl = handle.get_slice(name)
-                    dtype = _DTYPES[sl.get_dtype()]
-                    shape = tuple(sl.get_shape())
-                except KeyError as exc:
-                    raise CorruptWeightsError(f"{path}: tensor {name!r} has unsupported dtype {exc}") from exc
-                yield TensorInfo(name, path, shape, dtype)
+                sl = handle.get_slice(name)
+                label = sl.get_dtype()
+                if label not in _DTYPES:
+                    raise UnsupportedTensorError(
+                        f"{path}: tensor {name!r} has dtype {label}, which lmport cannot load; convert the "
+                        "checkpoint to float32, float16 or bfloat16"
+                    )
+                yield TensorInfo(name, path, tuple(sl.get_shape()), _DTYPES[label])
+
+    def _span(self, info: TensorInfo) -> tuple[int, int, int]:
+        """(descriptor, start, end) of ``info``'s bytes in its file."""
+        with self._lock:
+            if info.file not in self._offsets:
+                self._offsets[info.file] = _data_offsets(self._fds[info.file], info.file)
+        span = self._offsets[info.file].get(info.name)
+        if span is None:
+            raise WeightsChangedError(f"{info.file}: tensor {info.name!r} is gone; the file changed during the load")
+        return self._fds[info.file], *span
+
+    def _check_size(self, info: TensorInfo, fd: int, end: int) -> None:
+        size = os.fstat(fd).st_size
+        if size < end:
+            raise WeightsChangedError(
+                f"{info.file}: was truncated during the load ({size} bytes; tensor {info.name!r} ends at byte {end})"
+            )
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         return self.read_as(info, None)
@@ -116,16 +163,15 @@ class SafetensorsSource:
             target = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
             if target != info.dtype or transient:
                 return self._read_cast(info, target, transient=transient)
+            fd, _, end = self._span(info)
+            self._check_size(info, fd, end)  # a mapped page past the end of a truncated file would kill the process
             return self._handles[info.file].get_tensor(info.name)
         except (SafetensorError, OSError) as exc:
             raise CorruptWeightsError(f"{info.file}: cannot read tensor {info.name!r}: {exc}") from exc
 
     def _read_cast(self, info: TensorInfo, dtype: torch.dtype, *, transient: bool = False) -> torch.Tensor:
-        with self._lock:
-            if info.file not in self._fds:
-                self._offsets[info.file] = _data_offsets(info.file)
-                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        fd, start = self._fds[info.file], self._offsets[info.file][info.name]
+        fd, start, end = self._span(info)
+        self._check_size(info, fd, end)
         out = _transient_tensor(info.shape, dtype) if transient else torch.empty(info.shape, dtype=dtype)
         flat = out.view(-1)
         itemsize = info.dtype.itemsize
@@ -136,7 +182,7 @@ class SafetensorsSource:
             while done < nbytes:
                 n = os.preadv(fd, [target[done:]], start + done)
                 if n <= 0:
-                    raise CorruptWeightsError(f"{info.file}: tensor {info.name!r} ends past the end of the file")
+                    raise WeightsChangedError(f"{info.file}: tensor {info.name!r} ends past the end of the file")
                 done += n
             return out
         staging = getattr(self._local, "staging", None)
@@ -146,7 +192,7 @@ class SafetensorsSource:
         while done < nbytes:
             n = min(_CHUNK, nbytes - done)
             if os.preadv(fd, [staging[:n].numpy()], start + done) != n:
-                raise CorruptWeightsError(f"{info.file}: tensor {info.name!r} ends past the end of the file")
+                raise WeightsChangedError(f"{info.file}: tensor {info.name!r} ends past the end of the file")
             flat[done // itemsize : (done + n) // itemsize].copy_(staging[:n].view(info.dtype))
             done += n
         return out
@@ -162,7 +208,7 @@ class SafetensorsSource:
 def lmport_open_weights(folder: Path, options: LoadOptions) -> SafetensorsSource | None:
     if options.use_safetensors is False:
         return None
-    files, index = find_weight_files(folder, SINGLE, INDEX, options.variant)
-    if not files:
+    found = find_weights(folder, SINGLE, INDEX, options.variant)
+    if not found.files:
         return None
-    return SafetensorsSource(files, index)
+    return SafetensorsSource(found.files, found.index, found.weight_map)
