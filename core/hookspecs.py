@@ -125,17 +125,29 @@ def lmport_select_attention(
 
 
 @hookspec(firstresult=True)
-def lmport_quantizer(quantization_config: Any, config: PretrainedConfig) -> Quantizer | None:
+def lmport_quantizer(quantization_config: Any, config: PretrainedConfig, pre_quantized: bool) -> Quantizer | None:
     """Plan quantization applied while loading.
 
     Args:
-        quantization_config: the ``quantization_config`` argument, already normalised
-            to :class:`~lmport.quantization.BitsAndBytesConfig` when it is bitsandbytes'.
+        quantization_config: with ``pre_quantized`` false, the ``quantization_config``
+            argument (weights are quantized as they stream in); with ``pre_quantized`` true,
+            the checkpoint's own ``quantization_config`` from ``config.json`` (its weights are
+            stored quantized). Normalised to :class:`~lmport.quantization.BitsAndBytesConfig`
+            when it is bitsandbytes'; otherwise the argument's object, or a copy of
+            ``config.json``'s dict (read its ``quant_method``).
         config: the parsed model config.
+        pre_quantized: whether the checkpoint is stored quantized. An implementation
+            that does not take this argument is asked too (pluggy passes only what it
+            names), so a quantize-on-load plugin must check ``quantization_config``.
 
     Returns:
         A :class:`~lmport.quantization.Quantizer`, or ``None`` when this plugin does not
-        serve ``quantization_config``. First result wins.
+        serve ``quantization_config``. For ``pre_quantized`` loads it must be a
+        :class:`~lmport.quantization.StoredQuantizer` whose ``pre_quantized`` is true
+        (it loads the stored weights as they are); anything else is refused with
+        :class:`~lmport.errors.UnsupportedQuantizationError`, as is a stored
+        ``quantization_config`` no plugin serves: a checkpoint's quantization is never
+        ignored. First result wins.
     """
 
 
