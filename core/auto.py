@@ -73,13 +73,22 @@ class AutoModelForCausalLM:
             The model in eval mode (and the loading info when asked).
 
         Raises:
-            lmport.LmportError: a subclass naming the file, key or plugin at fault.
+            lmport.LmportError: a subclass naming the file, key or plugin at fault
+                (:class:`~lmport.errors.FolderChangedError` when saves kept replacing the folder
+                during the load, which is otherwise run again).
         """
         if model_args:
             raise ArgumentError("positional model arguments are not supported; pass keyword arguments")
+        from .atomic import load_attempts
         from .loading import from_pretrained
 
-        return from_pretrained(pretrained_model_name_or_path, **kwargs)
+        # Loaded again when a save replaced the folder meanwhile: the model comes from one save.
+        for attempt in load_attempts():
+            with attempt:
+                model = from_pretrained(pretrained_model_name_or_path, **kwargs)
+            if attempt.consistent:
+                return model
+        raise AssertionError("unreachable: load_attempts raises when it runs out")
 
     @staticmethod
     def from_config(config: PretrainedConfig, **kwargs: Any) -> Any:

@@ -46,6 +46,10 @@ class SourceError(LmportError):
     """The checkpoint could not be located."""
 
 
+class FolderChangedError(SourceError):
+    """A save replaced the checkpoint folder each time it was being loaded (see ``lmport.atomic``)."""
+
+
 class ConfigError(LmportError):
     """``config.json`` is missing, unreadable or invalid."""
 
@@ -65,12 +69,26 @@ class CorruptWeightsError(WeightsError):
     """A weight file is truncated, has a lying header, or is otherwise unreadable."""
 
 
+class DuplicateTensorError(CorruptWeightsError):
+    """A tensor name is stored in more than one shard (which copy is meant cannot be known)."""
+
+
+class WeightsChangedError(CorruptWeightsError):
+    """A weight file was deleted, replaced or truncated while the load was reading it."""
+
+
 class MissingShardError(WeightsError):
     """A shard named in the index file is absent."""
 
 
 class UnsafePathError(WeightsError):
-    """A file named by the checkpoint would resolve outside the checkpoint folder."""
+    """A file a load opens (weights, index, ``config.json``, ...) is a symbolic link the symlink policy refuses
+    (its target is outside the checkpoint folder, or it loops), or an index names a path outside the folder."""
+
+
+class UnsupportedTensorError(WeightsError):
+    """A checkpoint tensor's dtype or layout cannot serve the parameter it loads into: integers or booleans where
+    floats are needed, float8 with no quantizer to serve it, complex, sparse or torch-quantized tensors."""
 
 
 class UnsafePickleError(WeightsError):
@@ -79,6 +97,10 @@ class UnsafePickleError(WeightsError):
 
 class ShapeMismatchError(WeightsError):
     """A checkpoint tensor's shape differs from the model parameter it loads into."""
+
+
+class ModelSizeError(ConfigError, ShapeMismatchError):
+    """The config describes a model far larger than the checkpoint's tensors: refused before allocating."""
 
 
 class MissingWeightsError(WeightsError):
@@ -104,8 +126,17 @@ class AttentionKernelError(UnsupportedFeatureError):
     """The requested attention kernel is unknown or cannot run here."""
 
 
+class UnsupportedQuantizationError(UnsupportedFeatureError):
+    """A checkpoint stored quantized (``quantization_config`` in ``config.json``) that no installed quantizer
+    plugin serves, or whose stored quantized layout cannot be loaded into the model exactly."""
+
+
 class OffloadError(LmportError):
     """Weights to be offloaded to disk have no usable ``offload_folder``."""
+
+
+class SaveError(LmportError, OSError):
+    """``save_pretrained`` could not write the checkpoint folder; the message says what state it is in."""
 
 
 # --- the hub source (plugins/hub_source.py) -------------------------------------

@@ -16,14 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import note_folder
 from .attention import AttentionKernel
 from .config import CONFIG_NAME, PretrainedConfig, read_config_json
 from .modeling.base import build_on_meta
+from .size_check import check_size_against_checkpoint
 from .generation_config import GenerationConfig, read_generation_config
 from .errors import (
     ArgumentError,
     AttentionKernelError,
     ConfigError,
+    CorruptWeightsError,
     MissingWeightsError,
     PluginError,
     RemoteCodeError,
@@ -31,14 +34,22 @@ from .errors import (
     SourceError,
     UnknownModelTypeError,
     UnsupportedFeatureError,
+    UnsupportedQuantizationError,
+    WeightsChangedError,
     WeightsNotFoundError,
 )
 from .options import LoadOptions, SourceOptions
 from .placement import Placement, PlacementOptions, SingleDevice, is_single_device
-from .quantization import BitsAndBytesConfig, Quantizer
+from .quantization import (
+    BitsAndBytesConfig,
+    Quantizer,
+    StoredQuantizer,
+    resolve_quantization,
+    unsupported_stored_quantization,
+)
 from .registry import get_registry
 from .shards import add_variant
-from .weights import TensorInfo, WeightMap, WeightSource
+from .weights import COMPUTE_DTYPES, TensorInfo, WeightMap, WeightSource, check_loadable, check_unique
 
 logger = logging.getLogger("lmport")
 
@@ -79,13 +90,18 @@ def resolve_dtype(dtype: Any, config: PretrainedConfig | None, infos: list[Tenso
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ArgumentError(f"dtype must be a floating dtype, got {dtype}")
+        if dtype not in COMPUTE_DTYPES:
+            raise ArgumentError(
+                f"dtype {dtype} is a storage format lmport cannot compute in; pass float32, bfloat16, float16 or "
+                "float64 (a quantized load takes quantization_config)"
+            )
         return dtype
     if dtype is None or dtype == "auto":
         name = getattr(config, "dtype", None) if config is not None else None
         if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
             return resolve_dtype(getattr(torch, name), None, None)
         for info in infos or []:
-            if info.dtype.is_floating_point:
+            if info.dtype in COMPUTE_DTYPES:  # not float8: a stored format, not one to compute in
                 return info.dtype
         return torch.get_default_dtype()
     if isinstance(dtype, str):
@@ -135,6 +151,7 @@ def resolve_folder(name_or_path: str | os.PathLike[str], options: SourceOptions)
             f"{str(name_or_path)!r} is not a checkpoint folder on this machine, and no installed source plugin "
             "resolves it"
         )
+    note_folder(folder)  # a load that a save raced is run again (lmport.atomic.load_attempts)
     return Path(folder)
 
 
@@ -234,10 +251,14 @@ def load_weights(
     expected = {name: (t.shape, t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
     tied = model.tied_parameter_names()
     infos = list(source.infos()) if infos is None else infos
+    check_unique(infos, getattr(source, "index", None))
 
     wanted: dict[str, TensorInfo] = {}  # module name -> where it comes from
     skip: set[str] = set()
+    stored: dict[str, _StoredWeight] = {}  # checkpoint weight name -> its stored quantized parts
     for info in infos:
+        if getattr(quantizer, "pre_quantized", False) and _group_stored(quantizer, weight_map, info, tied, stored):
+            continue
         targets = weight_map.plan(info.name, info.shape)
         for module_name, shape in targets:
             if module_name in tied:
@@ -256,9 +277,12 @@ def load_weights(
                 report.mismatched_keys.append((module_name, tuple(shape), model_shape))
                 skip.add(module_name)
                 continue
+            if quantizer is None or not quantizer.claims(module_name):
+                check_loadable(info, module_name, expected[module_name][1])
             wanted[module_name] = info
 
-    missing = [n for n in expected if n not in wanted and n not in tied and n not in skip]
+    grouped = {n for group in stored.values() for n in group.module_names}
+    missing = [n for n in expected if n not in wanted and n not in tied and n not in skip and n not in grouped]
     if missing:
         files = ", ".join(str(f) for f in source.files)
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -281,14 +305,19 @@ def load_weights(
 
     def materialise(info: TensorInfo) -> list[tuple[str, torch.Tensor]]:
         names = {n for n, _ in weight_map.plan(info.name, info.shape) if wanted.get(n) is info}
-        if read_as is None:
-            tensor = source.read(info)
-        elif takes_transient and (weight_map.rewrites_layout(info.name) or all(consumed(n) for n in names)):
-            # Only copies of it are kept (transposed, split, quantized, moved): read it into memory
-            # that is released as soon as it is dropped, not into a view of the mapped file.
-            tensor = read_as(info, dtype, transient=True)
-        else:
-            tensor = read_as(info, dtype)
+        try:
+            if read_as is None:
+                tensor = source.read(info)
+            elif takes_transient and (weight_map.rewrites_layout(info.name) or all(consumed(n) for n in names)):
+                # Only copies of it are kept (transposed, split, quantized, moved): read it into memory
+                # that is released as soon as it is dropped, not into a view of the mapped file.
+                tensor = read_as(info, dtype, transient=True)
+            else:
+                tensor = read_as(info, dtype)
+        except OSError as exc:  # a source that lets the file system's error through (file gone, I/O error)
+            if not os.path.exists(info.file):
+                raise WeightsChangedError(f"{info.file}: vanished during the load (reading {info.name!r})") from exc
+            raise CorruptWeightsError(f"{info.file}: cannot read tensor {info.name!r}: {exc}") from exc
         out = []
         for module_name, part in weight_map.to_module(info.name, tensor):
             if module_name not in names:
@@ -310,8 +339,22 @@ def load_weights(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lmport-load") as pool:
         pending: deque[Future[list[tuple[str, torch.Tensor]]]] = deque()
 
-        def land(future: Future[list[tuple[str, torch.Tensor]]]) -> None:
-            for module_name, part in future.result():
+        def read_stored(group: _StoredWeight) -> tuple[_StoredWeight, dict[str, torch.Tensor]]:
+            read = source.read if read_as is None else (lambda info: read_as(info, None))
+            return group, {key: read(info) for key, info in group.parts.items()}
+
+        def land(future: Future[Any]) -> None:
+            result = future.result()
+            if isinstance(result, tuple):  # a stored quantized weight: its parts, as read
+                group, parts = result
+                device = placement.device_for(group.module_names[0])
+                where = f"{group.parts.get('weight', next(iter(group.parts.values()))).file}: {group.name!r}"
+                if device == "disk":
+                    raise UnsupportedFeatureError(f"{where}: quantized modules cannot be offloaded to disk")
+                assert isinstance(quantizer, StoredQuantizer)
+                quantizer.materialize_stored(model, group.module_names, parts, torch.device(device), where)
+                return
+            for module_name, part in result:
                 device = placement.device_for(module_name)
                 if device == "disk":
                     placement.offload(module_name, part)
@@ -322,6 +365,10 @@ def load_weights(
 
         for info in needed:
             pending.append(pool.submit(materialise, info))
+            if len(pending) >= ahead:
+                land(pending.popleft())
+        for group in stored.values():
+            pending.append(pool.submit(read_stored, group))
             if len(pending) >= ahead:
                 land(pending.popleft())
         while pending:
@@ -349,9 +396,45 @@ def load_weights(
     return report
 
 
+@dataclass
+class _StoredWeight:
+    """The checkpoint tensors of one weight stored quantized: its data and statistics, by key."""
+
+    name: str  # the weight's checkpoint name
+    module_names: list[str]  # one, or several fused in the checkpoint
+    parts: dict[str, TensorInfo] = field(default_factory=dict)
+
+
+def _group_stored(
+    quantizer: Any, weight_map: WeightMap, info: TensorInfo, tied: Any, stored: dict[str, _StoredWeight]
+) -> bool:
+    """File ``info`` under the stored quantized weight it belongs to; False when it belongs to none."""
+    found = quantizer.stored_part(info.name)
+    if found is None:
+        return False
+    name, key = found
+    module_names = [n for n, _ in weight_map.plan(name, (0, 0)) if n not in tied]  # names only: shapes are packed
+    claimed = [n for n in module_names if quantizer.claims(n)]
+    if not claimed:
+        return False
+    if claimed != module_names:
+        raise UnsupportedQuantizationError(
+            f"{info.file}: {name!r} holds {module_names} together, but only {claimed} are quantized layers; "
+            "check llm_int8_skip_modules in config.json's quantization_config"
+        )
+    group = stored.setdefault(name, _StoredWeight(name, module_names))
+    if key in group.parts:
+        raise CorruptWeightsError(
+            f"{info.file}: tensor {info.name!r} is stored twice (also in {group.parts[key].file})"
+        )
+    group.parts[key] = info
+    return True
+
+
 def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
     """See :meth:`lmport.AutoModelForCausalLM.from_pretrained`."""
     kwargs = dict(kwargs)
+    check_argument_types(name_or_path, kwargs)
     output_loading_info = bool(kwargs.pop("output_loading_info", False))
     ignore_mismatched_sizes = bool(kwargs.pop("ignore_mismatched_sizes", False))
     trust_remote_code = kwargs.pop("trust_remote_code", None)
@@ -436,6 +519,10 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
         get_registry().architecture(config.model_type, choose=plugin)
 
     registry = get_registry()
+    # A checkpoint stored quantized is loaded with its own quantization_config, never ignored.
+    quantization_source = str(folder / CONFIG_NAME) if config_arg is None else "the config= argument"
+    quantization, pre_quantized, stored_method = resolve_quantization(quantization, config, quantization_source)
+    quantizer = _quantizer(quantization, config, pre_quantized, stored_method, quantization_source)
     model_class = registry.hook.lmport_resolve_model_class(config=config)
     if model_class is None:
         raise PluginError(f"no plugin resolved a model class for {type(config).__name__} ({config.model_type!r})")
@@ -446,11 +533,15 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
         infos = list(source.infos())
         target_dtype = resolve_dtype(dtype, config, infos)
         model = build_on_meta(model_class, config)
-        quantizer = None
-        if quantization is not None:
-            quantizer = registry.hook.lmport_quantizer(quantization_config=quantization, config=config)
-            if quantizer is None:
-                raise UnsupportedFeatureError(f"no installed plugin serves quantization_config={quantization!r}")
+        # A config that lies about the model's size fails here, on the meta device, not in the allocator.
+        check_size_against_checkpoint(
+            model,
+            infos,
+            target_dtype,
+            origin="the config= argument" if config_arg is not None else str(folder / CONFIG_NAME)
+            + (f" (with overrides {sorted(config_overrides)})" if config_overrides else ""),
+        )
+        if quantizer is not None:
             quantizer.prepare(model)
         if not is_single_device(device_map):
             options = dataclasses.replace(placement_options, quantized=quantizer is not None)
@@ -460,7 +551,12 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
             if placement is None:
                 raise UnsupportedFeatureError(f"no installed plugin serves device_map={device_map!r}")
         requested = attn_implementation or config.extra.get("attn_implementation")
-        kernel = select_attention(requested, config, placement.main_device, target_dtype)
+        try:
+            kernel = select_attention(requested, config, placement.main_device, target_dtype)
+        except AttentionKernelError as exc:
+            if attn_implementation or config_arg is not None:
+                raise
+            raise AttentionKernelError(f"{folder / CONFIG_NAME}: key 'attn_implementation': {exc}") from exc
         report = load_weights(
             model,
             source,
@@ -514,6 +610,26 @@ def load_generation_config(
     return loaded
 
 
+def _quantizer(
+    quantization: Any, config: PretrainedConfig, pre_quantized: bool, method: str | None, source: str
+) -> Quantizer | None:
+    """Ask the ``lmport_quantizer`` hook; a stored quantization no plugin loads as stored is refused."""
+    if quantization is None:
+        return None
+    quantizer = get_registry().hook.lmport_quantizer(
+        quantization_config=quantization, config=config, pre_quantized=pre_quantized
+    )
+    if pre_quantized:
+        if quantizer is None:
+            raise unsupported_stored_quantization(source, str(method))
+        if not (getattr(quantizer, "pre_quantized", False) is True and isinstance(quantizer, StoredQuantizer)):
+            reason = f"the plugin serving it ({type(quantizer).__name__}) only quantizes weights as they load"
+            raise unsupported_stored_quantization(source, str(method), reason)
+    if quantizer is None:
+        raise UnsupportedFeatureError(f"no installed plugin serves quantization_config={quantization!r}")
+    return quantizer
+
+
 def _quantization_settings(quantization_config: Any, load_in_4bit: bool, load_in_8bit: bool) -> Any:
     """Normalise ``quantization_config`` and the legacy ``load_in_4bit``/``load_in_8bit`` shortcuts."""
     if load_in_4bit or load_in_8bit:
@@ -536,3 +652,64 @@ def _quantization_settings(quantization_config: Any, load_in_4bit: bool, load_in
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else os.fspath(value)
+
+
+_PATH = (str, os.PathLike)
+#: from_pretrained arguments (not config overrides) → (accepted types, what to say), checked before anything runs.
+ARGUMENT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "output_loading_info": ((bool,), "True or False"),
+    "ignore_mismatched_sizes": ((bool,), "True or False"),
+    "local_files_only": ((bool,), "True or False"),
+    "force_download": ((bool,), "True or False"),
+    "offload_buffers": ((bool,), "True or False"),
+    "use_flash_attention_2": ((bool,), "True or False"),
+    "load_in_4bit": ((bool,), "True or False"),
+    "load_in_8bit": ((bool,), "True or False"),
+    "trust_remote_code": ((bool, type(None)), "True, False or None"),
+    "use_safetensors": ((bool, type(None)), "True, False or None"),
+    "plugin": ((str, type(None)), "a distribution name (a string) or None"),
+    "revision": ((str, type(None)), "a branch, tag or commit id (a string) or None"),
+    "variant": ((str, type(None)), "a variant name such as 'fp16', or None"),
+    "attn_implementation": ((str, type(None)), "an attention kernel's name (a string) or None"),
+    "subfolder": ((*_PATH, type(None)), "a relative path (a string) or None"),
+    "cache_dir": ((*_PATH, type(None)), "a folder path or None"),
+    "offload_folder": ((*_PATH, type(None)), "a folder path or None"),
+    "token": ((str, bool, type(None)), "a token string, True, False or None"),
+    "use_auth_token": ((str, bool, type(None)), "a token string, True, False or None"),
+    "proxies": ((dict, type(None)), "a dict or None"),
+    "max_memory": ((dict, type(None)), "a dict of device → size, or None"),
+}
+
+
+def check_argument_types(name_or_path: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse a ``from_pretrained`` argument of the wrong type before it reaches code that would misuse it.
+
+    Raises:
+        ArgumentError: naming the argument, the value and what it accepts.
+    """
+    if not isinstance(name_or_path, _PATH) or isinstance(name_or_path, bytes):
+        raise ArgumentError(
+            f"from_pretrained: pretrained_model_name_or_path must be a folder path or a hub repo id (a string), got "
+            f"{type(name_or_path).__name__} {name_or_path!r}"[:300]
+        )
+    paths = {"pretrained_model_name_or_path": name_or_path}
+    for name, value in kwargs.items():
+        accepted = ARGUMENT_TYPES.get(name)
+        if accepted is None:
+            continue
+        types, says = accepted
+        if not isinstance(value, types):
+            raise ArgumentError(f"from_pretrained: {name} must be {says}, got {type(value).__name__} {value!r}"[:300])
+        if name in ("subfolder", "cache_dir", "offload_folder", "variant", "revision") and value is not None:
+            paths[name] = value
+    for name, value in paths.items():
+        text = os.fspath(value)
+        if isinstance(text, bytes) or "\x00" in text:
+            raise ArgumentError(f"from_pretrained: {name} must not contain NUL characters, got {value!r}"[:300])
+    if kwargs.get("plugin") == "":
+        raise ArgumentError("from_pretrained: plugin must name a distribution, got ''")
+    variant = kwargs.get("variant")
+    if variant is not None and (not variant or "/" in variant or "\\" in variant or len(variant) > 64):
+        raise ArgumentError(
+            f"from_pretrained: variant must be a short name such as 'fp16' (no path separators), got {variant!r}"[:300]
+        )

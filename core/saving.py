@@ -1,12 +1,16 @@
 """``save_pretrained``: module tensors → weight map backwards → (sharded) safetensors + ``config.json``.
 
-With ``push_to_hub=True`` what the save wrote is then uploaded (:mod:`lmport.hub_upload`).
+The files are written into a fresh folder that replaces the target whole (:mod:`lmport.atomic`):
+readers and crashes see the previous checkpoint or the new one, never a mix, and no weight
+file of an earlier save survives to be preferred. Files in the folder that are not part of the
+checkpoint (tokenizer, training state, README, subfolders) are kept (hard-linked). The old and
+the new checkpoint are both on disk until the swap: a save needs free space for the whole new
+one. With ``push_to_hub=True`` what the save wrote is then uploaded (:mod:`lmport.hub_upload`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections.abc import Callable
@@ -16,7 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from .atomic import replace_folder
+from .config import CONFIG_NAME
 from .errors import ArgumentError, UnsupportedFeatureError
+from .generation_config import GENERATION_CONFIG_NAME
 from .hub_upload import CREATE_REPO_ARGS, UPLOAD_ARGS, HubUpload, default_commit_message, split_hub_kwargs
 from .shards import add_variant
 
@@ -53,14 +60,20 @@ def _shard(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch
     return shards
 
 
-def _write_atomic(path: Path, write: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)  # type: ignore[operator]
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def checkpoint_files(variant: str | None) -> Callable[[str], bool]:
+    """Whether a file name belongs to the checkpoint a save of ``variant`` replaces.
+
+    That is weights of either format, single or sharded with any shard count, their index
+    files, ``config.json`` and ``generation_config.json``: a folder never keeps weights of an
+    earlier save that a load could prefer. Other variants' weights and every other file stay.
+    """
+    v = re.escape(f".{variant}") if variant else ""
+    shard = r"(?:-\d{5}-of-\d{5})?"
+    pattern = re.compile(
+        rf"model{v}{shard}\.safetensors|pytorch_model{v}{shard}\.bin|model\.safetensors\.index{v}\.json"
+        rf"|pytorch_model\.bin\.index{v}\.json|{re.escape(CONFIG_NAME)}|{re.escape(GENERATION_CONFIG_NAME)}"
+    )
+    return lambda name: pattern.fullmatch(name) is not None
 
 
 def save_model(
@@ -127,8 +140,6 @@ def save_model(
     if push_to_hub:
         repo_id = upload_args.pop("repo_id", None) or folder.resolve().name
         upload = HubUpload(repo_id, token=token, create_repo_kwargs=create_args)
-    folder.mkdir(parents=True, exist_ok=True)
-    before = _stamps(folder)
 
     weight_map = get_registry().hook.lmport_weight_mapping(config=model.config, model_class=type(model))
     tied = model.tied_parameter_names()
@@ -149,41 +160,33 @@ def save_model(
 
     def write_shard(path: Path, shard: dict[str, torch.Tensor]) -> None:
         if safe_serialization:
-            _write_atomic(path, lambda tmp: save_file(shard, str(tmp), metadata={"format": "pt"}))
+            save_file(shard, str(path), metadata={"format": "pt"})
         else:
-            _write_atomic(path, lambda tmp: (save_function or torch.save)(shard, str(tmp)))
+            (save_function or torch.save)(shard, str(path))
 
-    written: set[str] = set()
-    if len(shards) == 1:
-        write_shard(folder / single, shards[0])
-        written.add(single)
-    else:
-        weight_index: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-            write_shard(folder / name, shard)
-            written.add(name)
-            weight_index.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_index.items()))}
-        _write_atomic(folder / index_name, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
-        written.add(index_name)
-
-    # Weight files of an earlier save in this format would make the folder ambiguous.
-    stale = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{re.escape(ext)}|{re.escape(index_name)}")
-    for path in folder.iterdir():
-        if path.name not in written and stale.fullmatch(path.name):
-            path.unlink()
+    def write(staging: Path) -> None:
+        # Into a fresh folder that replace_folder then swaps in whole (see lmport.atomic).
+        if len(shards) == 1:
+            write_shard(staging / single, shards[0])
+        else:
+            weight_index: dict[str, str] = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+                write_shard(staging / name, shard)
+                weight_index.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_index.items()))}
+            (staging / index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        model.config.save_pretrained(staging)
+        save_generation_config(model, staging)
 
     model.config.dtype = str(model.dtype).removeprefix("torch.")
-    model.config.save_pretrained(folder)
-    save_generation_config(model, folder)
+    written = replace_folder(folder, write, checkpoint_files(variant), marker=CONFIG_NAME)
 
     if upload is not None:
-        after = _stamps(folder)
         upload.commit(
             folder,
-            [name for name, stamp in after.items() if before.get(name) != stamp],
+            written,
             commit_message=upload_args.pop("commit_message", None) or default_commit_message(model),
             tags=getattr(model, "model_tags", None),
             **upload_args,
@@ -198,17 +201,3 @@ def save_generation_config(model: object, folder: Path) -> None:
     config = GenerationConfig.from_any(getattr(model, "generation_config", None))
     if config is not None:
         config.save_pretrained(folder)
-
-
-def _stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
-    """Name → (inode, mtime in ns, size) of the files directly in ``folder``: what a save changed is uploaded.
-
-    Every file a save writes is replaced atomically (a new inode), so a rewrite is seen even
-    within the file system's timestamp resolution.
-    """
-    stamps = {}
-    for path in folder.iterdir():
-        if path.is_file():
-            st = path.stat()
-            stamps[path.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
-    return stamps
