@@ -14,12 +14,16 @@ class Architecture:
     An architecture distribution exposes one of these as its
     ``lmport.architectures`` entry point (``llama = "lmport_llama:plugin"``), or
     passes it to :func:`lmport.register`. Its hooks are ``trylast``, so any
-    capability plugin implementing the same hook takes precedence.
+    capability plugin implementing the same hook takes precedence. A subclass may
+    implement further hooks (``lmport_weight_mapping``...): the registry loads the
+    architecture before a hook is asked about a model of its ``model_type`` (building
+    with ``from_config``, loading, saving, ``load_state_dict``), so they answer
+    however the model was made, ``Model(config)`` included.
 
     Args:
         model_type: the ``model_type`` value of ``config.json`` this serves.
         config_class: a :class:`~lmport.config.PretrainedConfig` subclass.
-        model_class: the model class (its ``weight_map`` attribute is the default map).
+        model_class: the model class (its ``weight_map_for(config)`` is the default map).
         tiny_config: ``config.json`` values for a tiny instance (used by ``lmport demo``
             and by plugin authors' tests); ``None`` if the plugin offers none.
     """

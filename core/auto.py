@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from .config import PretrainedConfig
-from .errors import ArgumentError, PluginError
+from .errors import ArgumentError
 from .options import SourceOptions
 from .registry import get_registry
 
@@ -91,12 +91,12 @@ class AutoModelForCausalLM:
         raise AssertionError("unreachable: load_attempts raises when it runs out")
 
     @staticmethod
-    def from_config(config: PretrainedConfig, **kwargs: Any) -> Any:
-        """A freshly initialised model for ``config`` (``dtype``, ``device``, ``attn_implementation``, ``seed``)."""
-        model_class = get_registry().hook.lmport_resolve_model_class(config=config)
-        if model_class is None:
-            get_registry().architecture(config.model_type)
-            model_class = get_registry().hook.lmport_resolve_model_class(config=config)
-        if model_class is None:
-            raise PluginError(f"no plugin resolves a model class for {type(config).__name__}")
-        return model_class.from_config(config, **kwargs)
+    def from_config(config: PretrainedConfig, *, plugin: str | None = None, **kwargs: Any) -> Any:
+        """A freshly initialised model for ``config`` (``dtype``, ``device``, ``attn_implementation``, ``seed``).
+
+        ``plugin``: the distribution to use when several provide ``config.model_type`` (as in
+        ``from_pretrained``; :data:`~lmport.registry.CHOICE_ENV` otherwise).
+        """
+        if not isinstance(config, PretrainedConfig):
+            raise ArgumentError(f"from_config needs an lmport config object, got {type(config).__name__}")
+        return get_registry().model_class_for(config, plugin).from_config(config, **kwargs)

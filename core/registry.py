@@ -1,14 +1,21 @@
-"""The plugin manager: builtins, entry points (architectures loaded lazily), run-time registration."""
+"""The plugin manager: builtins, entry points (architectures loaded lazily), run-time registration.
+
+Whatever builds, loads or saves a model asks the registry for the architecture of its
+``model_type`` first (:meth:`Registry.ensure`, :meth:`Registry.model_class_for`,
+:meth:`Registry.weight_map_for`), so the hooks of a lazily loaded architecture plugin always
+take part, whichever way the model was made.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import importlib_metadata
 import pluggy
@@ -16,6 +23,10 @@ import pluggy
 from . import hookspecs
 from .errors import ArgumentError, PluginConflictError, PluginError, PluginImportError, UnknownModelTypeError
 from .hookspecs import PROJECT_NAME, hookimpl
+
+if TYPE_CHECKING:
+    from .config import PretrainedConfig
+    from .weights import WeightMap
 
 logger = logging.getLogger("lmport")
 
@@ -52,13 +63,20 @@ class EntryPointInfo:
         except Exception as exc:
             raise PluginImportError(self.distribution, f"{self.name} = {self.value}", exc) from exc
 
+    def owns(self, model_class: type) -> bool:
+        """Whether ``model_class`` is defined in the package this entry point names (read, not imported)."""
+        package = self.value.partition(":")[0].strip()
+        module = getattr(model_class, "__module__", "") or ""
+        return bool(package) and (module == package or module.startswith(package + "."))
+
 
 class _CoreDefaults:
     """Core's own fallbacks, asked after every plugin."""
 
     @hookimpl(trylast=True)
     def lmport_weight_mapping(self, config: Any, model_class: type) -> Any:
-        return getattr(model_class, "weight_map", None)
+        weight_map_for = getattr(model_class, "weight_map_for", None)  # PreTrainedCausalLM's classmethod
+        return weight_map_for(config) if callable(weight_map_for) else getattr(model_class, "weight_map", None)
 
 
 def _parse_choices(text: str) -> dict[str, str]:
@@ -85,7 +103,7 @@ class Registry:
         from lmport.plugins import builtin_modules
 
         for module in builtin_modules():
-            self.pm.register(module, name=f"builtin:{module.__name__.rsplit('.', 1)[-1]}")
+            self._register_checked(module, f"builtin:{module.__name__.rsplit('.', 1)[-1]}")
         self.failures: list[PluginImportError] = []
         self._entry_points: dict[str, list[EntryPointInfo]] = {}
         self._architectures: dict[str, tuple[str, Any]] = {}  # model_type -> (provider label, plugin)
@@ -118,11 +136,11 @@ class Registry:
             for info in self.entry_points(PLUGINS_GROUP):
                 try:
                     plugin = info.load()
-                    self.pm.register(plugin, name=f"{info.distribution}:{info.name}")
+                    self._register_checked(plugin, f"{info.distribution}:{info.name}")
                 except PluginImportError as exc:
                     self.failures.append(exc)
                     logger.warning("%s", exc)
-                except (ValueError, pluggy.PluginValidationError) as exc:  # already registered / invalid hookimpl
+                except (ValueError, PluginError) as exc:  # already registered / invalid or unknown hookimpl
                     err = PluginImportError(info.distribution, f"{info.name} = {info.value}", exc)
                     self.failures.append(err)
                     logger.warning("%s", err)
@@ -133,13 +151,22 @@ class Registry:
         """Every ``model_type`` an installed or registered plugin provides."""
         return sorted({e.name for e in self.entry_points(ARCHITECTURES_GROUP)} | set(self._runtime))
 
-    def architecture(self, model_type: str, choose: str | None = None) -> Any:
-        """Load (once) and return the plugin serving ``model_type``.
+    def architecture(self, model_type: str, choose: str | None = None, *, model_class: type | None = None) -> Any:
+        """Load (once), register and return the plugin serving ``model_type``.
 
         Args:
             model_type: the config's ``model_type``.
             choose: a distribution name to pick when several claim ``model_type``;
                 defaults to the :data:`CHOICE_ENV` setting.
+            model_class: the class of a model already built; when several distributions
+                claim ``model_type`` and none is chosen, the one defining this class is used.
+
+        Raises:
+            UnknownModelTypeError: nothing provides ``model_type`` (or the chosen
+                distribution does not).
+            PluginConflictError: several distributions provide it and none is chosen.
+            PluginImportError: the plugin fails to import.
+            PluginError: the plugin implements a hook lmport does not specify.
         """
         with self._lock:
             if model_type in self._architectures and choose is None:
@@ -157,13 +184,16 @@ class Registry:
                         f"(installed providers: {offered})"
                     )
                 candidates = picked
+            elif len(candidates) > 1 and model_class is not None:
+                owners = [e for e in candidates if e.owns(model_class)]
+                candidates = owners if len(owners) == 1 else candidates
             if not candidates:
-                raise self._unknown(model_type)
+                raise self.unknown(model_type)
             if len(candidates) > 1:
                 names = " and ".join(repr(e.distribution) for e in candidates)
                 raise PluginConflictError(
                     f"model_type {model_type!r} is provided by {names}. Choose one with "
-                    f"from_pretrained(..., plugin={candidates[0].distribution!r}) or "
+                    f"from_pretrained(..., plugin={candidates[0].distribution!r}) (from_config takes it too) or "
                     f"{CHOICE_ENV}='{model_type}={candidates[0].distribution}', or uninstall one."
                 )
             info = candidates[0]
@@ -172,6 +202,58 @@ class Registry:
             if self._architectures.get(model_type, (None,))[0] != label:
                 self._register_architecture(model_type, label, plugin)
             return plugin
+
+    def ensure(self, model_type: str, choose: str | None = None, *, model_class: type | None = None) -> Any | None:
+        """Make sure the hooks of the plugin serving ``model_type`` take part; return that plugin.
+
+        Every path that builds, loads or saves a model calls this (or :meth:`model_class_for` /
+        :meth:`weight_map_for`) before asking a hook about ``model_type``: the architecture's
+        entry point is loaded lazily, so until then its hooks are not registered.
+
+        Returns:
+            The plugin, or ``None`` when no installed or registered plugin provides
+            ``model_type`` and none was chosen (hooks of capability plugins may still answer).
+
+        Raises:
+            as :meth:`architecture`, except :class:`UnknownModelTypeError` when nothing
+            was chosen explicitly.
+        """
+        try:
+            return self.architecture(model_type, choose, model_class=model_class)
+        except UnknownModelTypeError:
+            if self.choice(model_type, choose) is not None:
+                raise  # an explicit choice is honoured or refused, never silently replaced
+            return None
+
+    def model_class_for(self, config: PretrainedConfig, choose: str | None = None) -> type:
+        """The model class implementing ``config``, its architecture loaded first (``choose`` as in
+        :meth:`architecture`); raises :class:`UnknownModelTypeError` or :class:`PluginError` when none does."""
+        provider = self.ensure(config.model_type, choose)
+        model_class = self.hook.lmport_resolve_model_class(config=config)
+        if model_class is None:
+            if provider is None:
+                raise self.unknown(config.model_type)
+            raise PluginError(
+                f"no plugin resolves a model class for {type(config).__name__} ({config.model_type!r}; "
+                f"provided by {self.provider(config.model_type)!r})"
+            )
+        return model_class
+
+    def weight_map_for(self, config: PretrainedConfig, model_class: type) -> WeightMap:
+        """The weight map between ``model_class``'s modules and the checkpoint layout of ``config``.
+
+        The architecture of ``config.model_type`` is loaded first, so a ``weight_mapping`` hook it
+        implements answers whether the model came from ``from_pretrained``, ``from_config`` or
+        its class; a model whose ``model_type`` no plugin provides gets ``model_class.weight_map``.
+        """
+        self.ensure(config.model_type, model_class=model_class)
+        weight_map = self.hook.lmport_weight_mapping(config=config, model_class=model_class)
+        if weight_map is None:
+            raise PluginError(
+                f"no weight map for {model_class.__name__} ({config.model_type!r}): no plugin answered the "
+                "weight_mapping hook and the class has no weight_map attribute"
+            )
+        return weight_map
 
     def choice(self, model_type: str, choose: str | None = None) -> str | None:
         """The distribution explicitly chosen for ``model_type``: ``choose``, else the :data:`CHOICE_ENV` setting."""
@@ -187,14 +269,54 @@ class Registry:
         return entry[0] if entry else None
 
     def _register_architecture(self, model_type: str, label: str, plugin: Any) -> None:
-        old = self._architectures.pop(model_type, None)
-        if old is not None and self.pm.is_registered(old[1]):
+        old = self._architectures.get(model_type)
+        if old is not None and old[1] is not plugin and self.pm.is_registered(old[1]):
             self.pm.unregister(old[1])
-        if not self.pm.is_registered(plugin):
-            self.pm.register(plugin, name=label)
+        try:
+            if not self.pm.is_registered(plugin):
+                self._register_checked(plugin, label)
+        except Exception:
+            if old is not None and not self.pm.is_registered(old[1]):  # a bad plugin leaves the previous one
+                self.pm.register(old[1], name=old[0])
+            raise
         self._architectures[model_type] = (label, plugin)
 
-    def _unknown(self, model_type: str) -> UnknownModelTypeError:
+    def _register_checked(self, plugin: Any, name: str | None) -> None:
+        """Register ``plugin``, then ``check_pending()``: a hook implementation matching no spec (a
+        misspelling), or a spec's name left without ``@hookimpl``, unregisters it again and raises
+        :class:`PluginError` naming the plugin and the method."""
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:  # a spec's name with arguments the spec lacks
+            raise PluginError(f"plugin {name or plugin!r}: {exc}") from exc
+        label = self.pm.get_name(plugin) or repr(plugin)
+        specs = sorted(n for n in dir(self.pm.hook) if n.startswith("lmport_") and getattr(self.pm.hook, n).has_spec())
+        callers = self.pm.get_hookcallers(plugin) or []
+        unknown = sorted(
+            c.name
+            for c in callers
+            if not c.has_spec() and any(i.plugin is plugin and not i.optionalhook for i in c.get_hookimpls())
+        )
+        marked = {c.name for c in callers}
+        unmarked = [n for n in specs if n not in marked and callable(getattr(plugin, n, None))]
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if exc.plugin is not plugin:  # registered behind the registry's back
+                self.pm.unregister(plugin)
+                raise PluginError(f"plugin {self.pm.get_name(exc.plugin) or exc.plugin!r}: {exc}") from exc
+        if not unknown and not unmarked:
+            return
+        self.pm.unregister(plugin)
+        problems = []
+        for method in unknown:
+            close = difflib.get_close_matches(method, specs, n=1)
+            problems.append(f"{method!r} matches no lmport hook" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        problems += [f"{m!r} is not marked with @lmport.hookimpl, so it would never be called" for m in unmarked]
+        raise PluginError(f"plugin {label}: " + "; ".join(problems) + f". lmport's hooks: {', '.join(specs)}")
+
+    def unknown(self, model_type: str) -> UnknownModelTypeError:
+        """The error for a ``model_type`` no installed or registered plugin provides, naming the remedy."""
         installed = ", ".join(self.model_types()) or "none"
         hint = ""
         if model_type in KNOWN_DISTRIBUTIONS:
@@ -222,10 +344,10 @@ class Registry:
                         f"model_type {model_type!r} is already provided by {others}; "
                         f"pass lmport.register(..., override=True) to use {plugin!r} instead"
                     )
-                self._runtime[model_type] = plugin
                 self._register_architecture(model_type, name or f"runtime:{model_type}", plugin)
+                self._runtime[model_type] = plugin
                 return plugin
-            self.pm.register(plugin, name=name)
+            self._register_checked(plugin, name)
             return plugin
 
     def unregister(self, plugin: Any) -> None:
