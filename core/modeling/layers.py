@@ -44,6 +44,9 @@ class Attention(nn.Module):
         resid_dropout: dropout on the output projection while training.
         rotary: rotate queries and keys by the rotary embedding (False for
             learned absolute positions).
+
+    Queries and keys are rotated by :meth:`apply_rotary` between the projections and the
+    cache; override it to rotate differently (interleaved pairs, a fused kernel).
     """
 
     def __init__(
@@ -91,7 +94,7 @@ class Attention(nn.Module):
         if self.rotary:
             if position_embeddings is None:
                 raise ValueError("rotary attention needs (cos, sin) position embeddings")
-            q, k = apply_rotary(q, k, *position_embeddings)
+            q, k = self.apply_rotary(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if self.kernel is None:
@@ -106,6 +109,17 @@ class Attention(nn.Module):
             num_kv_groups=self.num_kv_groups,
         )
         return self.resid_dropout(self.o_proj(out.reshape(batch, seq, -1)))
+
+    def apply_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``(batch, heads, seq, head_dim)`` queries and keys by the ``(batch, seq, rotary_dim)`` tables.
+
+        The default is :func:`~lmport.modeling.apply_rotary`: the first ``rotary_dim`` dimensions of
+        each head are rotated (all of them unless the rotary embedding was built partial), in halves
+        as transformers' ``rotate_half``.
+        """
+        return apply_rotary(q, k, cos, sin)
 
 
 class GatedMLP(nn.Module):
