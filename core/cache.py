@@ -35,6 +35,25 @@ class KVCache:
             raise IndexError(f"cache has {len(self.keys)} layers; layer {layer_idx} cannot be updated first")
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def reset(self) -> None:
+        """Forget every position: the next forward fills the cache again from the start of its input.
+
+        An architecture whose cached keys/values become stale (Phi-3 at its LongRoPE switch)
+        calls it from ``prepare_inputs_for_generation``; the whole sequence is then recomputed.
+        """
+        self.keys.clear()
+        self.values.clear()
+
+    def crop(self, max_length: int) -> None:
+        """Keep only the first ``max_length`` positions of every layer (a negative value drops that many
+        from the end), as transformers' ``DynamicCache.crop``."""
+        if max_length < 0:
+            max_length = max(0, self.get_seq_length() + max_length)
+        if self.get_seq_length() <= max_length:
+            return
+        self.keys = [k[..., :max_length, :] for k in self.keys]
+        self.values = [v[..., :max_length, :] for v in self.values]
+
     def select(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in ``index`` (beam reordering, finished rows)."""
         self.keys = [k.index_select(0, index) for k in self.keys]

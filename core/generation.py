@@ -133,19 +133,48 @@ class GenerationMixin:
         input_ids: torch.Tensor,
         past_key_values: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        token_type_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """The forward arguments of one decoding step (what peft and transformers-style loops call)."""
+        """The forward arguments of one decoding step; :meth:`generate` calls it before every forward.
+
+        Args:
+            input_ids: ``(batch, length)``, every token so far (prompt and generated).
+            past_key_values: the cache of the positions already computed (``None`` without a cache).
+            attention_mask: ``(batch, length)``, 1 for tokens, 0 for (left) padding.
+            position_ids: ``(batch, length)`` positions of every token; derived from ``attention_mask``
+                when ``None``.
+            use_cache: whether the forward returns a cache (default: whether one was given).
+            token_type_ids: ``(batch, length)`` token types, for models that embed them.
+            kwargs: other forward arguments, passed on unchanged (``logits_to_keep``...).
+
+        Returns:
+            The keyword arguments of ``forward``: the tokens, positions and types the cache has
+            not seen yet (all of them when it is empty or ``None``), the full attention mask,
+            the cache and ``use_cache``.
+
+        An architecture overrides it to change a step, calling ``super()``; to recompute the
+        whole sequence (Phi-3 when the sequence outgrows LongRoPE's short factors), it empties
+        the cache first (``past_key_values.reset()``) or passes ``past_key_values=None`` on with
+        ``use_cache=True`` (the forward then starts a new cache, which :meth:`generate` keeps).
+        """
         seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         inputs: dict[str, Any] = {
             "input_ids": input_ids[:, seen:],
             "attention_mask": attention_mask,
             "past_key_values": past_key_values,
-            "use_cache": kwargs.get("use_cache", past_key_values is not None),
+            "use_cache": past_key_values is not None if use_cache is None else use_cache,
         }
-        if attention_mask is not None:
+        if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        if position_ids is not None:
             inputs["position_ids"] = position_ids[:, seen:]
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids[:, seen:]
+        for key, value in kwargs.items():
+            inputs.setdefault(key, value)
         return inputs
 
     # --- generate -----------------------------------------------------------------------------------
@@ -314,20 +343,22 @@ class GenerationMixin:
         cache = KVCache() if use_cache else None
         tokens = input_ids
         unfinished = torch.ones(tokens.shape[0], dtype=torch.bool, device=device)
-        step_ids, step_pos, step_types = tokens, position_ids, token_type_ids
         while tokens.shape[1] < max_length:
             # token_type_ids: only when given (as transformers passes them), each new token repeating the last type
-            types = {} if step_types is None else {"token_type_ids": step_types}
-            out = self(  # type: ignore[operator]
-                input_ids=step_ids,
-                attention_mask=attention_mask,
-                position_ids=step_pos,
+            types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            step = self.prepare_inputs_for_generation(
+                tokens,
                 past_key_values=cache,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
                 use_cache=use_cache,
-                logits_to_keep=1,
-                output_hidden_states=hidden is not None,
                 **types,
             )
+            step.setdefault("logits_to_keep", 1)
+            step.update(output_hidden_states=hidden is not None, return_dict=True)
+            out = self(**step)  # type: ignore[operator]
+            if use_cache:  # the step may have dropped the cache and started a new one
+                cache = out.past_key_values
             logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=device)
             next_scores = gp.apply(processors, tokens, logits)
             if scores is not None:
@@ -351,12 +382,9 @@ class GenerationMixin:
             if not bool(unfinished.any()):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((tokens.shape[0], 1))], dim=-1)
-            next_pos = position_ids[:, -1:] + 1
-            position_ids = torch.cat([position_ids, next_pos], dim=-1)
-            step_ids, step_pos = (next_tokens[:, None], next_pos) if use_cache else (tokens, position_ids)
+            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=-1)
             if token_type_ids is not None:
                 token_type_ids = torch.cat([token_type_ids, token_type_ids[:, -1:]], dim=-1)
-                step_types = token_type_ids[:, -1:] if use_cache else token_type_ids
         if streamer is not None:
             streamer.end()
         if not return_dict:

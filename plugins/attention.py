@@ -29,8 +29,10 @@ class EagerAttention:
         dropout: float,
         num_kv_groups: int,
     ) -> torch.Tensor:
-        key = repeat_kv(key, num_kv_groups)
-        value = repeat_kv(value, num_kv_groups)
+        # Laid out as transformers' are (its cache concatenates them, even for one forward, before
+        # repeat_kv): MKL's matmul over another layout can round differently in the last bit.
+        key = repeat_kv(key.contiguous(), num_kv_groups)
+        value = repeat_kv(value.contiguous(), num_kv_groups)
         weights = torch.matmul(query, key.transpose(2, 3)) * scaling
         allowed = mask.to_bool(query.device)
         # Added, not filled, as transformers does: the same values, and the same gradients for a
