@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from lmport.testing import folder_digest as tree_digest  # noqa: F401 - re-exported for the test modules
+from lmport.testing import randomize_parameters, save_reference_checkpoint  # noqa: F401
 
 TINY_LLAMA: dict[str, Any] = dict(
     vocab_size=128,
@@ -67,62 +69,12 @@ def hf_llama(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def tree_digest(folder: Path) -> dict[str, str]:
-    """Name → sha256 of every file under ``folder`` (to prove a load changed nothing)."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def save_hf_llama_random(
     folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.2, **overrides: Any
 ) -> Path:
-    """Like :func:`save_hf_llama`, but every parameter is random and large enough to matter.
-
-    transformers initialises with std 0.02, unit norms and zero biases: attention is then
-    nearly uniform and biases/norms contribute nothing, so a wrong RoPE, bias or norm
-    would hardly move the logits. Here weights are normal(0, ``std``), norm weights
-    normal(1, 0.1) and biases normal(0, 0.1), so parity checks have teeth.
-    """
-    import transformers
-
-    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
-    model = transformers.LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
-            elif name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(std * torch.randn(param.shape, generator=generator))
-    model.to(dtype).save_pretrained(folder)
-    return folder
-
-
-def randomize_parameters(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
-    """Fill every parameter of any transformers model with values large enough to matter, in place.
-
-    Weights of norm modules (class name containing ``Norm``) get normal(1, 0.1), biases
-    normal(0, 0.1), every other weight normal(0, ``std``). Architecture-agnostic
-    companion of :func:`save_hf_llama_random`. Returns ``model``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            is_norm = "Norm" in type(module).__name__
-            for attr, param in module.named_parameters(recurse=False):
-                noise = torch.randn(param.shape, generator=generator)
-                if is_norm and attr == "weight":
-                    param.copy_(1.0 + 0.1 * noise)
-                elif attr == "bias":
-                    param.copy_(0.1 * noise)
-                else:
-                    param.copy_(std * noise)
-    return model
+    """Like :func:`save_hf_llama`, but every parameter is random and large enough to matter
+    (:func:`lmport.testing.randomize_parameters`), so parity checks have teeth."""
+    return save_reference_checkpoint("llama", {**TINY_LLAMA, **overrides}, folder, seed=seed, dtype=dtype, std=std)
 
 
 def save_hf(
@@ -135,15 +87,7 @@ def save_hf(
 ) -> Path:
     """Save a transformers causal LM built from any transformers ``config`` to ``folder``; returns it.
 
-    The model class comes from ``transformers.AutoModelForCausalLM.from_config``. With
-    ``std`` set, parameters are randomised by :func:`randomize_parameters` (so parity
-    checks have teeth); with ``std=None`` transformers' own initialisation is kept.
+    :func:`lmport.testing.save_reference_checkpoint`: with ``std`` set, parameters are randomised
+    (so parity checks have teeth); with ``std=None`` transformers' own initialisation is kept.
     """
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    if std is not None:
-        randomize_parameters(model, seed=seed, std=std)
-    model.to(dtype).save_pretrained(folder)
-    return folder
+    return save_reference_checkpoint(config.model_type, config, folder, seed=seed, dtype=dtype, std=std)

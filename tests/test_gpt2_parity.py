@@ -1,11 +1,13 @@
 """Numerical parity of lmport's GPT-2 with transformers' GPT2LMHeadModel on checkpoints transformers saved.
 
-The oracle is transformers itself, loading the very folder lmport loads. Checked:
+The oracle is transformers itself, loading the very folder lmport loads. The checks every
+architecture shares come from the conformance kit (:mod:`lmport.testing`). Checked:
 
-- fp32 logits (max abs diff <= 1e-5), loss (labels with -100) and every parameter's
-  gradient (within 1e-5 of the reference gradient's largest entry). lmport's modules
-  are named differently (separate q/k/v ``nn.Linear`` instead of the fused Conv1D
-  ``c_attn``), so lmport's gradients go through the model's weight map backwards
+- ``check_fp32``: fp32 logits (max abs diff <= 1e-5; unpadded, ``inputs_embeds``, left- and
+  right-padded rows with and without ``generate``'s ``position_ids``), loss (labels with -100)
+  and every parameter's gradient (within 1e-5 of the reference gradient's largest entry).
+  lmport's modules are named differently (separate q/k/v ``nn.Linear`` instead of the fused
+  Conv1D ``c_attn``), so lmport's gradients go through the model's weight map backwards
   (``weight_map.to_checkpoint``) and are compared with transformers' by checkpoint name.
   Both ``eager`` and ``sdpa``, over config variants: every supported
   ``activation_function``, ``n_inner``, ``scale_attn_weights=False``,
@@ -15,46 +17,43 @@ The oracle is transformers itself, loading the very folder lmport loads. Checked
   (each of resid/embd/attn dropout on its own); with all pdrops 0 train == eval.
 - Checkpoints without the ``transformer.`` prefix (original OpenAI layout) and with the
   old ``attn.bias`` / ``attn.masked_bias`` buffers (safetensors and .bin) load cleanly.
-- bf16 checkpoints with ``dtype="auto"``: logits and loss bit-identical to transformers'.
-- ``save_pretrained``: transformers loads lmport's save with nothing missing or
-  unexpected and the same logits; the files hold exactly the names, shapes, dtypes and
-  values transformers itself writes for that model (Conv1D (in, out), fused c_attn).
+- ``check_bf16``: bf16 checkpoints with ``dtype="auto"``: logits and loss bit-identical to transformers'.
+- ``check_save_round_trip``: transformers loads lmport's save with nothing missing or
+  unexpected, the same config and the same logits; the files hold exactly the names, shapes,
+  dtypes and values transformers itself writes for that model (spelled out here: Conv1D
+  (in, out), fused c_attn); lmport loads transformers' save and its own to the same logits.
 
-Weights are random with std 0.2 and random norms/biases (``conftest.save_hf``), so
-attention is peaked and every parameter matters.
+Weights are random with std 0.2 and random norms/biases (``lmport.testing.save_reference_checkpoint``),
+so attention is peaked and every parameter matters.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers
-from conftest import TINY_GPT2, save_hf
+from conftest import TINY_GPT2
 from helpers import (
     ATTENTION,
     MOVED,
-    assert_bf16_parity,
     assert_logits_close,
-    assert_padded_logits_close,
-    assert_same_outputs,
     assert_same_training_step,
-    assert_saved_like_transformers,
-    assert_transformers_reads_save,
     batch_of_two,
-    load_fp32_pair,
     load_lmport,
     loss_and_grads,
     max_change,
-    perturb_parameters,
+    one_intraop_thread,
 )
 from safetensors.torch import load_file, save_file
 
 import lmport
+from lmport import testing
 
 SEQ = 24
 
@@ -90,7 +89,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
 
 
 def make_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> Path:
-    return save_hf(folder, transformers.GPT2Config(**{**TINY, **overrides}), seed=seed, dtype=dtype)
+    return testing.save_reference_checkpoint("gpt2", {**TINY, **overrides}, folder, seed=seed, dtype=dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    yield from one_intraop_thread()
 
 
 @pytest.fixture(scope="module")
@@ -118,30 +122,26 @@ inputs = functools.partial(batch_of_two, SEQ)
 def test_fp32_parity_logits_loss_grads(checkpoints: Any, case: str, attn: str) -> None:
     folder = checkpoints(case)
     overrides, undo = VARIANTS[case]
-    ours, ref = load_fp32_pair(transformers.GPT2LMHeadModel, folder, attn)
+    ours, ref = testing.load_pair(folder, attn)
+    assert ours.dtype == torch.float32  # lmport's default for an fp32 checkpoint
     for key, value in overrides.items():
         assert getattr(ours.config, key) == value == getattr(ref.config, key)
     inner = overrides.get("n_inner") or 4 * TINY["n_embd"]
     assert ours.model.layers[0].mlp.up_proj.weight.shape == (inner, TINY["n_embd"])
 
-    plain, padded = inputs(seed=1), inputs(seed=2, padded=True)
-    with torch.no_grad():
-        logits = ours(plain["input_ids"]).logits
-        assert_logits_close(logits, ref(plain["input_ids"]).logits)
-        assert_padded_logits_close(ours, ref, padded)
-        # The variant is in effect: undoing it on the same weights moves the logits.
-        if undo is not None:
-            undone = load_lmport(folder, attn_implementation=attn, **undo)
-            moved = max_change(undone(plain["input_ids"]).logits, logits)
-            assert moved > MOVED, f"{case}: {undo} changes nothing (max logit change {moved:.3g})"
-
-    # Training mode (all pdrops 0): loss and every gradient, unpadded and padded.
-    ours.train()
-    ref.train()
-    for batch in (plain, padded):
-        assert_same_training_step(ours, ref, batch)  # gradients compared by checkpoint name
+    # The kit: logits unpadded, padded and from inputs_embeds; in training mode (all pdrops 0) the
+    # loss and every gradient, compared by checkpoint name through the weight map; tied head.
+    testing.check_fp32(ours, ref, seq=SEQ)
     tied = overrides.get("tie_word_embeddings", True)
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+
+    # The variant is in effect: undoing it on the same weights moves the logits.
+    if undo is not None:
+        ids = inputs(seed=1)["input_ids"]
+        undone = load_lmport(folder, attn_implementation=attn, **undo)
+        with torch.no_grad():
+            moved = max_change(undone(ids).logits, ours(ids).logits)
+        assert moved > MOVED, f"{case}: {undo} changes nothing (max logit change {moved:.3g})"
 
 
 def test_activation_variants_really_differ(checkpoints: Any) -> None:
@@ -281,9 +281,10 @@ def test_truly_unexpected_keys_are_still_reported(tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", ["default_gelu_new", "all_together"])
 def test_bf16_checkpoint_auto_dtype(tmp_path: Path, case: str, attn: str) -> None:
     folder = make_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16, **VARIANTS[case][0])
-    ref = load_hf(folder, attn_implementation=attn, dtype="auto")
-    ours = load_lmport(folder, attn_implementation=attn, dtype="auto")
-    assert_bf16_parity(ours, ref, (inputs(seed=1), inputs(seed=2, padded=True)))
+    ours, ref = testing.load_pair(folder, attn, dtype="auto")
+    # Logits and loss bit-identical (gradients are not: the fused c_attn is one matmul in transformers,
+    # three here, and bf16 rounds the two differently).
+    testing.check_bf16(ours, ref, seq=SEQ)
     if attn == "eager" and VARIANTS[case][0].get("reorder_and_upcast_attn"):
         # The float32 scores are what makes this exact: the plain bf16 eager kernel is not.
         plain = load_lmport(folder, attn_implementation=attn, dtype="auto", reorder_and_upcast_attn=False)
@@ -300,16 +301,13 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path: Path, case: s
     overrides = VARIANTS[case][0]
     folder = make_checkpoint(tmp_path / "hf", **overrides)
     ours = load_lmport(folder)
-    perturb_parameters(ours)  # "fine-tuned": the save must carry lmport's own state
-    ours.save_pretrained(tmp_path / "ours")
+    # The kit: lmport's save of the model, perturbed ("fine-tuned"), loads cleanly in transformers with
+    # the original's config and bit-identical logits and loss; its files are what transformers itself
+    # writes for this model (names, shapes, dtypes, values); lmport reads both saves to the same numbers.
+    mine = testing.check_save_round_trip(ours, folder, tmp_path)
+    for key, value in overrides.items():
+        assert getattr(transformers.AutoConfig.from_pretrained(tmp_path / "lmport"), key) == value
 
-    keys = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
-    ref = assert_transformers_reads_save(transformers.GPT2LMHeadModel, tmp_path / "ours", overrides, TINY, keys)
-    batch = inputs(seed=1, padded=True)
-    assert_same_outputs(ours, ref, batch)
-
-    # The files are what transformers itself writes for this model: names, shapes, dtypes, values.
-    mine = assert_saved_like_transformers(tmp_path / "ours", ref, tmp_path / "theirs", folder)
     # The GPT-2 layout, spelled out: Conv1D (in, out), q/k/v fused in c_attn.
     e, inner = TINY["n_embd"], overrides.get("n_inner") or 4 * TINY["n_embd"]
     assert mine["transformer.h.0.attn.c_attn.weight"].shape == (e, 3 * e)
@@ -319,10 +317,5 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path: Path, case: s
     assert ("lm_head.weight" in mine) == (not overrides.get("tie_word_embeddings", True))
     q = ours.model.layers[0].self_attn.q_proj.weight
     assert torch.equal(mine["transformer.h.0.attn.c_attn.weight"][:, :e], q.detach().T)
-    raw = json.loads((tmp_path / "ours" / "config.json").read_text())
+    raw = json.loads((tmp_path / "lmport" / "config.json").read_text())
     assert raw["model_type"] == "gpt2" and raw["n_embd"] == e
-
-    # And lmport reads its own save back to the same numbers.
-    again = load_lmport(tmp_path / "ours")
-    with torch.no_grad():
-        assert torch.equal(again(batch["input_ids"]).logits, ours(batch["input_ids"]).logits)

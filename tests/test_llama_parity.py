@@ -1,18 +1,21 @@
 """Numerical parity of lmport's Llama with transformers' LlamaForCausalLM on checkpoints transformers saved.
 
-The oracle is transformers itself, loading the very folder lmport loads. Checked:
-fp32 logits (max abs diff <= 1e-5), loss (labels with -100), every parameter's
-gradient (within 1e-5 of the reference gradient's largest entry, matched by name),
-for the ``eager`` and ``sdpa`` kernels, over config variants (every RoPE type in
-both the new ``rope_parameters`` and the legacy ``rope_scaling`` + ``rope_theta``
-spelling, GQA/MQA/MHA, tied embeddings, biases, a ``head_dim`` apart from
-``hidden_size // heads``), unpadded and padded (a left-padded row, whose first
-real token is predicted from a query that sees no key, and a right-padded one),
-with explicit ``position_ids`` and ``inputs_embeds``; bf16 checkpoints loaded with ``dtype="auto"``;
-``num_items_in_batch``, ``logits_to_keep`` and the output object; gradient
-checkpointing. Every lmport load also proves the checkpoint folder unchanged.
+The oracle is transformers itself, loading the very folder lmport loads. The checks every
+architecture shares come from the conformance kit (:mod:`lmport.testing`): ``check_fp32``
+(fp32 logits within 1e-5 at 24, 8 and again 24 tokens, ``inputs_embeds``, a batch with a
+left-padded row -- whose first real token is predicted from a query that sees no key -- and a
+right-padded one, with and without ``generate``'s ``position_ids``; loss and every parameter's
+gradient within 1e-5 of the reference gradient's largest entry, unpadded and padded; tied
+embeddings) and ``check_bf16`` (bf16 checkpoints with ``dtype="auto"``: logits, loss and every
+gradient bit-identical). They run for the ``eager`` and ``sdpa`` kernels over Llama's config
+variants: every RoPE type in both the new ``rope_parameters`` and the legacy ``rope_scaling`` +
+``rope_theta`` spelling, GQA/MQA/MHA, tied embeddings, biases, a ``head_dim`` apart from
+``hidden_size // heads``. Llama's own: the RoPE settings are shown in effect, dynamic RoPE
+grows past its positions, legacy/missing dtype keys; ``num_items_in_batch``, ``logits_to_keep``
+and the output object; gradient checkpointing. Every lmport load also proves the checkpoint
+folder unchanged.
 
-Weights are random with std 0.2 and random norms/biases (``save_hf_llama_random``)
+Weights are random with std 0.2 and random norms/biases (``lmport.testing.save_reference_checkpoint``)
 so that attention is peaked and every parameter matters: with transformers' own
 std-0.02 init, attention is near uniform and a wrong RoPE barely moves the logits.
 """
@@ -27,21 +30,20 @@ import helpers
 import pytest
 import torch
 import transformers
-from conftest import save_hf_llama_random
+from conftest import TINY_LLAMA
 from helpers import (
     ATTENTION,
     LOGITS_ATOL,
-    assert_bf16_parity,
     assert_logits_close,
     assert_loss_equal,
-    assert_padded_logits_close,
     assert_same_training_step,
     batch_of_two,
-    load_fp32_pair,
     load_lmport,
     loss_and_grads,
     one_intraop_thread,
 )
+
+from lmport import testing
 
 SEQ = 24  # > max_position_embeddings=16 of the dynamic cases, so dynamic NTK scaling kicks in
 SHORT = 8  # < 16: dynamic RoPE must fall back to its original frequencies
@@ -123,12 +125,12 @@ def make_checkpoint(folder: Path, case: str, dtype: torch.dtype = torch.float32)
     """Save the checkpoint of ``case`` (a NEW_FORM or LEGACY_FORM id); returns (folder, rope_is_special)."""
     if case in NEW_FORM:
         overrides, special = NEW_FORM[case]
-        save_hf_llama_random(folder, dtype=dtype, **overrides)
+        testing.save_reference_checkpoint("llama", {**TINY_LLAMA, **overrides}, folder, dtype=dtype)
         raw = json.loads((folder / "config.json").read_text())
         assert "rope_scaling" not in raw and "rope_parameters" in raw  # really the new form
         return folder, special
     overrides, rope_scaling, rope_theta = LEGACY_FORM[case]
-    save_hf_llama_random(folder, dtype=dtype, **overrides)
+    testing.save_reference_checkpoint("llama", {**TINY_LLAMA, **overrides}, folder, dtype=dtype)
     write_legacy_rope(folder, rope_scaling, rope_theta)
     return folder, True
 
@@ -164,39 +166,24 @@ def assert_same_step(ours: Any, ref: Any, batch: dict[str, torch.Tensor], **kwar
 @pytest.mark.parametrize("case", [*NEW_FORM, *LEGACY_FORM])
 def test_fp32_parity_logits_loss_grads(tmp_path: Path, case: str, attn: str) -> None:
     folder, rope_special = make_checkpoint(tmp_path / "ckpt", case)
-    ours, ref = load_fp32_pair(transformers.LlamaForCausalLM, folder, attn)
+    ours, ref = testing.load_pair(folder, attn)
+    assert ours.dtype == torch.float32  # lmport's default for an fp32 checkpoint
     assert ours.config.rope_parameters["rope_type"] == ref.config.rope_parameters["rope_type"]
     assert ours.config.rope_parameters["rope_theta"] == ref.config.rope_parameters["rope_theta"]
 
-    # Inference: long (dynamic RoPE grows), short (falls back), long again, then padded.
-    long, short = inputs(SEQ, seed=1), inputs(SHORT, seed=2)
-    padded = inputs(SEQ, seed=3, padded=True)
-    with torch.no_grad():
-        for batch in (long, short, long):
-            assert_logits_close(ours(batch["input_ids"]).logits, ref(batch["input_ids"]).logits)
-        assert_padded_logits_close(ours, ref, padded)
-        # What generate() passes for left padding:
-        positions = (padded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        assert_padded_logits_close(ours, ref, padded, position_ids=positions)
-        embeds = ref.model.embed_tokens(long["input_ids"])
-        assert_logits_close(ours(inputs_embeds=embeds).logits, ref(inputs_embeds=embeds).logits)
+    # The kit: logits at SEQ (dynamic RoPE grows), SHORT (falls back), SEQ again, inputs_embeds,
+    # left- and right-padded rows with and without generate's position_ids; loss and every
+    # gradient unpadded and padded; the head tied exactly when transformers ties it.
+    testing.check_fp32(ours, ref, seq=SEQ, short=SHORT)
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == ours.config.tie_word_embeddings
 
-        # The RoPE settings really are in effect (the parity above is not blind to them).
-        if rope_special:
-            plain = load_lmport(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-            moved = (plain(long["input_ids"]).logits - ours(long["input_ids"]).logits).abs().max().item()
-            assert moved > 1e-3, f"RoPE settings of {case} change nothing (max logit change {moved:.3g})"
-
-    # Training: loss and every gradient, unpadded and padded.
-    ours.train()
-    ref.train()
-    for batch in (long, padded):
-        assert_same_step(ours, ref, batch)
-    if ours.config.tie_word_embeddings:
-        assert ours.lm_head.weight is ours.model.embed_tokens.weight
-        assert "lm_head.weight" not in dict(ours.named_parameters())
-    else:
-        assert ours.lm_head.weight.data_ptr() != ours.model.embed_tokens.weight.data_ptr()
+    # The RoPE settings really are in effect (the parity above is not blind to them).
+    if rope_special:
+        ids = inputs(SEQ, seed=1)["input_ids"]
+        plain = load_lmport(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        with torch.no_grad():
+            moved = (plain(ids).logits - ours(ids).logits).abs().max().item()
+        assert moved > 1e-3, f"RoPE settings of {case} change nothing (max logit change {moved:.3g})"
 
 
 @pytest.mark.parametrize("case", ["rope_dynamic", "legacy_dynamic_type_key"])
@@ -226,23 +213,9 @@ def test_dynamic_rope_grows_past_max_positions(tmp_path: Path, case: str) -> Non
 @pytest.mark.parametrize("dtype_arg", ["auto", None], ids=["dtype_auto", "dtype_default"])
 def test_bf16_checkpoint_auto_dtype(tmp_path: Path, case: str, attn: str, dtype_arg: str | None) -> None:
     folder, _ = make_checkpoint(tmp_path / "ckpt", case, dtype=torch.bfloat16)
-    kwargs: dict[str, Any] = {"attn_implementation": attn}
-    if dtype_arg is not None:
-        kwargs["dtype"] = dtype_arg
-    ref = load_hf(folder, **kwargs)
-    ours = load_lmport(folder, **kwargs)
-    assert_bf16_parity(ours, ref, (inputs(SEQ, seed=1), inputs(SEQ, seed=3, padded=True)))
-    # Training in bf16: the same bits for the loss and every gradient.
-    ours.train()
-    ref.train()
-    batch = inputs(SEQ, seed=3, padded=True)
-    loss_ours, grads_ours = loss_and_grads(ours, batch)
-    loss_ref, grads_ref = loss_and_grads(ref, batch)
-    assert torch.equal(loss_ours, loss_ref)
-    assert grads_ours.keys() == grads_ref.keys()
-    for name, g in grads_ref.items():
-        assert grads_ours[name].dtype == torch.bfloat16
-        assert torch.equal(grads_ours[name], g), name
+    ours, ref = testing.load_pair(folder, attn, dtype=dtype_arg)  # None: neither gets a dtype argument
+    # Logits and loss (unpadded and padded), then the loss and every gradient of a training step: the same bits.
+    testing.check_bf16(ours, ref, seq=SEQ, grads=True)
 
 
 @pytest.mark.parametrize("key", ["torch_dtype", "absent"])

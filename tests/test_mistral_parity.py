@@ -1,53 +1,54 @@
 """Numerical parity of lmport's Mistral with transformers' MistralForCausalLM on checkpoints transformers saved.
 
-The oracle is transformers itself, loading the very folder lmport loads. Checked:
+The oracle is transformers itself, loading the very folder lmport loads. The checks every
+architecture shares come from the conformance kit (:mod:`lmport.testing`). Checked:
 
-- fp32 logits (max abs diff <= 1e-5), loss (labels with -100) and every parameter's
-  gradient (within 1e-5 of the reference gradient's largest entry; matched through the
+- ``check_fp32``: fp32 logits (max abs diff <= 1e-5, finite), loss (labels with -100) and every
+  parameter's gradient (within 1e-5 of the reference gradient's largest entry; matched through the
   model's weight map, which for Mistral is the identity), for ``eager`` and ``sdpa``,
   over: ``sliding_window`` None / set / larger than the sequence, sequences longer than
   the window (window 4, 24 tokens), GQA (1 and 2 KV heads) and MHA, a ``head_dim`` apart
-  from ``hidden_size // heads``; right-padded batches (real positions only).
+  from ``hidden_size // heads``; left- and right-padded rows (padding longer than the window,
+  real positions only), ``inputs_embeds``. The window is shown in effect exactly when shorter
+  than the sequence.
 - The window itself, independently of transformers: with one layer, perturbing a token
   more than ``window - 1`` positions behind a query leaves that query's logits exactly
   unchanged while a token inside the window changes them; with two layers the reach is
   ``2 * (window - 1)``. transformers shows the same semantics.
-- bf16 checkpoints with ``dtype="auto"``: logits and loss bit-identical to transformers'.
-- ``save_pretrained``: transformers loads lmport's save with nothing missing or
-  unexpected and the same logits, and the files hold what transformers itself writes.
+- ``check_bf16``: bf16 checkpoints with ``dtype="auto"``: logits, loss and every gradient
+  bit-identical to transformers'.
+- ``check_save_round_trip``: transformers loads lmport's save with nothing missing or
+  unexpected, the same config (``sliding_window`` included) and the same logits, the files hold
+  what transformers itself writes, and lmport reads both saves to the same numbers.
 
-Weights are random with std 0.2 and random norms (``conftest.save_hf``).
+Weights are random with std 0.2 and random norms (``lmport.testing.save_reference_checkpoint``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers
-from conftest import TINY_LLAMA, save_hf
+from conftest import TINY_LLAMA
 from helpers import (
     ATTENTION,
     LOGITS_ATOL,
     MOVED,
     VOCAB,
-    assert_bf16_parity,
-    assert_logits_close,
-    assert_padded_logits_close,
-    assert_same_outputs,
-    assert_same_training_step,
-    assert_saved_like_transformers,
-    assert_transformers_reads_save,
     batch_of_two,
-    load_fp32_pair,
     load_lmport,
     max_change,
-    perturb_parameters,
+    one_intraop_thread,
 )
+
+import lmport
+from lmport import testing
 
 SEQ = 24  # six times the window of 4
 WINDOW = 4
@@ -68,7 +69,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def make_checkpoint(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> Path:
-    return save_hf(folder, transformers.MistralConfig(**{**TINY, **overrides}), seed=seed, dtype=dtype)
+    return testing.save_reference_checkpoint("mistral", {**TINY, **overrides}, folder, seed=seed, dtype=dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    yield from one_intraop_thread()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +103,8 @@ inputs = functools.partial(batch_of_two, SEQ)
 def test_fp32_parity_logits_loss_grads(checkpoints: Any, case: str, attn: str) -> None:
     folder = checkpoints(case)
     overrides = VARIANTS[case]
-    ours, ref = load_fp32_pair(transformers.MistralForCausalLM, folder, attn)
+    ours, ref = testing.load_pair(folder, attn)
+    assert ours.dtype == torch.float32  # lmport's default for an fp32 checkpoint
     window = overrides["sliding_window"]
     assert ours.config.sliding_window == ref.config.sliding_window == window
     attn_module = ours.model.layers[0].self_attn
@@ -106,24 +113,19 @@ def test_fp32_parity_logits_loss_grads(checkpoints: Any, case: str, attn: str) -
     assert attn_module.q_proj.weight.shape == (TINY["num_attention_heads"] * head_dim, TINY["hidden_size"])
     assert attn_module.k_proj.weight.shape == (kv_heads * head_dim, TINY["hidden_size"])
 
-    plain, padded = inputs(seed=1), inputs(seed=2, padded=True)
-    with torch.no_grad():
-        logits = ours(plain["input_ids"]).logits
-        assert_logits_close(logits, ref(plain["input_ids"]).logits, finite=True)
-        assert_padded_logits_close(ours, ref, padded, finite=True)
-        # The window is in effect exactly when it is shorter than the sequence.
-        unwindowed = load_lmport(folder, attn_implementation=attn, sliding_window=None)
-        moved = max_change(unwindowed(plain["input_ids"]).logits, logits)
-        if window is not None and window < SEQ:
-            assert moved > MOVED, f"sliding_window={window} changes nothing (max logit change {moved:.3g})"
-        else:
-            assert moved <= LOGITS_ATOL, f"sliding_window={window} >= {SEQ} tokens changed the logits by {moved:.3g}"
+    # The kit: finite logits unpadded, padded (by 3 on the left, 5 > window on the right) and from
+    # inputs_embeds; loss and every gradient, unpadded and padded, through the weight map (the identity).
+    testing.check_fp32(ours, ref, seq=SEQ)
 
-    # Training mode: loss and every gradient, unpadded and padded.
-    ours.train()
-    ref.train()
-    for batch in (plain, padded):
-        assert_same_training_step(ours, ref, batch)  # gradients through the weight map (identity for Mistral)
+    # The window is in effect exactly when it is shorter than the sequence.
+    ids = inputs(seed=1)["input_ids"]
+    unwindowed = load_lmport(folder, attn_implementation=attn, sliding_window=None)
+    with torch.no_grad():
+        moved = max_change(unwindowed(ids).logits, ours(ids).logits)
+    if window is not None and window < SEQ:
+        assert moved > MOVED, f"sliding_window={window} changes nothing (max logit change {moved:.3g})"
+    else:
+        assert moved <= LOGITS_ATOL, f"sliding_window={window} >= {SEQ} tokens changed the logits by {moved:.3g}"
 
 
 # --- 2. the sliding window, asserted on its own ------------------------------------------
@@ -173,9 +175,8 @@ def test_sliding_window_reach(tmp_path: Path, attn: str, layers: int) -> None:
 @pytest.mark.parametrize("case", ["window_4_gqa2", "window_none_head_dim_8_mqa"])
 def test_bf16_checkpoint_auto_dtype(tmp_path: Path, case: str, attn: str) -> None:
     folder = make_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16, **VARIANTS[case])
-    ref = load_hf(folder, attn_implementation=attn, dtype="auto")
-    ours = load_lmport(folder, attn_implementation=attn, dtype="auto")
-    assert_bf16_parity(ours, ref, (inputs(seed=1), inputs(seed=2, padded=True)))
+    ours, ref = testing.load_pair(folder, attn, dtype="auto")
+    testing.check_bf16(ours, ref, seq=SEQ, grads=True)  # logits, loss and every gradient: the same bits
 
 
 # --- 4. save_pretrained round trip through transformers -----------------------------------
@@ -186,22 +187,12 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path: Path, case: s
     overrides = VARIANTS[case]
     folder = make_checkpoint(tmp_path / "hf", **overrides)
     ours = load_lmport(folder)
-    perturb_parameters(ours)  # "fine-tuned": the save must carry lmport's own state
-    ours.save_pretrained(tmp_path / "ours")
-    raw = json.loads((tmp_path / "ours" / "config.json").read_text())
+    # The kit: lmport's save of the model, perturbed ("fine-tuned"), loads cleanly in transformers with
+    # the original's config and bit-identical logits and loss; its files are what transformers itself
+    # writes for this model (names, shapes, dtypes, values); lmport reads both saves to the same numbers.
+    testing.check_save_round_trip(ours, folder, tmp_path)
+    raw = json.loads((tmp_path / "lmport" / "config.json").read_text())
     assert raw["model_type"] == "mistral"
     assert "sliding_window" in raw and raw["sliding_window"] == overrides["sliding_window"]
-
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    ref = assert_transformers_reads_save(transformers.MistralForCausalLM, tmp_path / "ours", overrides, TINY, keys)
-    batch = inputs(seed=1, padded=True)
-    assert_same_outputs(ours, ref, batch)
-
-    # The files are what transformers itself writes for this model: names, shapes, dtypes, values.
-    assert_saved_like_transformers(tmp_path / "ours", ref, tmp_path / "theirs", folder)
-
-    # And lmport reads its own save back to the same numbers.
-    again = load_lmport(tmp_path / "ours")
-    assert again.config.sliding_window == overrides["sliding_window"]
-    with torch.no_grad():
-        assert torch.equal(again(batch["input_ids"]).logits, ours(batch["input_ids"]).logits)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "lmport").sliding_window == overrides["sliding_window"]
+    assert lmport.AutoConfig.from_pretrained(tmp_path / "lmport").sliding_window == overrides["sliding_window"]

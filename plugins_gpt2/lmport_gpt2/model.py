@@ -80,7 +80,11 @@ class UpcastReorderedEager:
             k = key.transpose(-1, -2).reshape(-1, head_dim, kv_len).float()
             empty = torch.empty(batch * heads, q_len, kv_len, dtype=torch.float32, device=query.device)
             weights = torch.baddbmm(empty, q, k, beta=0, alpha=scaling).reshape(batch, heads, q_len, kv_len)
-        weights = weights.masked_fill(~mask.to_bool(query.device), torch.finfo(torch.float32).min)
+        allowed = mask.to_bool(query.device)
+        # Added, not filled, as transformers does (and lmport's eager kernel): a query that sees no key
+        # (a left-padding position) passes gradient to its scores through the addition.
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=weights.device)
+        weights = weights + bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         weights = F.softmax(weights, dim=-1).to(value.dtype)
         if dropout:
             weights = F.dropout(weights, p=dropout, training=True)
