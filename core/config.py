@@ -163,6 +163,21 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+def _as_float_field(value: Any, hint: Any) -> Any:
+    """An integer given for a field typed ``float`` (not ``int``) as a float: JSON writes ``1e-05`` and ``1``
+    alike, and an integer past 64 bits (``2**64``) would fail inside torch, not here. Too large a one is left
+    as it is, for the field's check to refuse."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return value
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if float not in allowed or int in allowed or Any in allowed:
+        return value
+    try:
+        return float(value)
+    except OverflowError:
+        return value
+
+
 # --- declarative per-key checks ------------------------------------------------------------
 
 #: A check of one config value: returns ``None`` when ``value`` is acceptable, else what it
@@ -296,8 +311,10 @@ class TokenId:
             # torch.nn.Embedding counts a negative padding_idx from the end, as transformers' models do
             # with the pad_token_id -1 some hub configs carry.
             return Advisory(f"is negative: the embedding's padding row is {vocab + value} (counted from the end)")
-        if not all(_is_int(i) and i >= 0 for i in ids):
-            return "must be a non-negative integer token id" + (" or a list of them" if isinstance(value, list) else "")
+        if not all(_is_int(i) and 0 <= i < 2**63 for i in ids):  # past int64, no tensor can hold it
+            return "must be a non-negative integer token id below 2**63" + (
+                " or a list of them" if isinstance(value, list) else ""
+            )
         if _is_int(vocab) and any(i >= vocab for i in ids):
             if self.strict:
                 return f"must be a token id below vocab_size ({vocab})"
@@ -390,7 +407,7 @@ class PretrainedConfig:
                         f"{source}: key {key!r} must be {_type_name(hints[key])}, "
                         f"got {type(value).__name__} {value!r}"
                     )
-                kwargs[key] = value
+                kwargs[key] = _as_float_field(value, hints[key])
             elif key != "model_type":
                 extra[key] = value
         try:
@@ -427,6 +444,11 @@ class PretrainedConfig:
             raise ValueError(f"key {key!r} {problem}, got {_short.repr(raw['dtype'])}")
         for name, key in cls.json_names.items():
             if key in raw:
+                if name in raw and raw[name] != raw[key]:  # transformers would take one, lmport the other
+                    raise ValueError(
+                        f"keys {key!r} ({raw[key]!r:.40}) and {name!r} ({raw[name]!r:.40}) are two spellings of one "
+                        "setting and disagree; keep one of them"
+                    )
                 raw[name] = raw.pop(key)
         return raw
 
@@ -491,7 +513,7 @@ class PretrainedConfig:
                 raise ArgumentError(f"{type(self).__name__} has no field {key!r}")
             if not _matches(value, hints[key]):
                 raise ArgumentError(f"override {key}={value!r} must be {_type_name(hints[key])}")
-            setattr(self, key, value)
+            setattr(self, key, _as_float_field(value, hints[key]))
         try:
             self.check_fields()
             self.validate()

@@ -82,7 +82,8 @@ def lmport_weight_mapping(config: PretrainedConfig, model_class: type) -> Weight
 
     Returns:
         A :class:`~lmport.weights.WeightMap`, or ``None`` to defer (the default
-        implementation returns ``model_class.weight_map``). First result wins.
+        implementation returns ``model_class.weight_map_for(config)``, which is
+        ``model_class.weight_map`` unless the class overrides it). First result wins.
     """
 
 

@@ -171,28 +171,22 @@ def load_config(
         raise ConfigError(f"{path}: no 'model_type' key; lmport chooses the architecture plugin by it")
     if not isinstance(model_type, str) or not model_type:
         raise ConfigError(f"{path}: 'model_type' must be a non-empty string, got {model_type!r}")
-    unknown: UnknownModelTypeError | None = None
-    try:
-        registry.architecture(model_type, choose=plugin)
-    except UnknownModelTypeError as exc:
-        if registry.choice(model_type, plugin) is not None:
-            raise  # an explicit choice is honoured or refused, never silently replaced
-        unknown = exc
+    provided = registry.ensure(model_type, plugin) is not None  # an explicit choice is honoured or refused
     try:
         config = registry.hook.lmport_parse_config(raw=raw, model_type=model_type)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {str(exc).removeprefix(CONFIG_NAME + ': ')}") from exc
     if config is None:
         auto_map = raw.get("auto_map")
-        if unknown is not None and auto_map:
+        if not provided and auto_map:
             raise RemoteCodeError(
                 f"{path}: model_type {model_type!r} is implemented only by code inside the checkpoint repository "
                 f"(auto_map: {auto_map}). lmport never runs repository code, trust_remote_code or not. Install an "
                 f"lmport plugin that provides {model_type!r}, or write one (see docs/plugins.md) and register it "
                 "with an entry point or lmport.register(...)."
             )
-        if unknown is not None:
-            raise UnknownModelTypeError(f"{path}: {unknown}") from None
+        if not provided:
+            raise UnknownModelTypeError(f"{path}: {registry.unknown(model_type)}") from None
         raise PluginError(f"{path}: plugin {registry.provider(model_type)!r} returned no config for {model_type!r}")
     if trust_remote_code:
         warnings.warn(
@@ -227,6 +221,38 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
     else:
         owner._buffers[attr] = tensor
+
+
+def untie_if_stored_apart(
+    config: PretrainedConfig, model_class: Any, weight_map: WeightMap, source: WeightSource, infos: list[TensorInfo]
+) -> None:
+    """Set ``config.tie_word_embeddings = False`` when the checkpoint stores a tied parameter and its source with
+    different values, as transformers does: the config contradicts the checkpoint, and the checkpoint's weights win
+    (tying would silently drop the stored head). Equal copies (``.bin`` files store both) stay tied."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    tied: dict[str, str] = dict(getattr(model_class, "tied_weights", {}) or {})
+    stored: dict[str, TensorInfo] = {}
+    for info in infos:
+        for module_name, _ in weight_map.plan(info.name, info.shape):
+            if module_name in tied or module_name in tied.values():
+                stored.setdefault(module_name, info)
+    for target, origin in tied.items():
+        if target not in stored or origin not in stored:
+            continue
+        a, b = stored[target], stored[origin]
+        same = a.shape == b.shape and a.dtype == b.dtype
+        if same:
+            parts = [dict(weight_map.to_module(i.name, source.read(i))).get(n) for i, n in ((a, target), (b, origin))]
+            same = all(p is not None for p in parts) and torch.equal(parts[0], parts[1])
+        if not same:
+            logger.warning(
+                "%s: the config ties %s to %s (tie_word_embeddings), but the checkpoint stores both with different "
+                "values: loading them untied, as transformers does. Set tie_word_embeddings to false in config.json "
+                "to silence this.", a.file, target, origin,
+            )
+            config.tie_word_embeddings = False
+            return
 
 
 def load_weights(
@@ -516,22 +542,21 @@ def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
         if not isinstance(config_arg, PretrainedConfig):
             raise ArgumentError(f"config must be an lmport config object, got {type(config_arg).__name__}")
         config = config_arg
-        get_registry().architecture(config.model_type, choose=plugin)
 
     registry = get_registry()
     # A checkpoint stored quantized is loaded with its own quantization_config, never ignored.
     quantization_source = str(folder / CONFIG_NAME) if config_arg is None else "the config= argument"
     quantization, pre_quantized, stored_method = resolve_quantization(quantization, config, quantization_source)
     quantizer = _quantizer(quantization, config, pre_quantized, stored_method, quantization_source)
-    model_class = registry.hook.lmport_resolve_model_class(config=config)
-    if model_class is None:
-        raise PluginError(f"no plugin resolved a model class for {type(config).__name__} ({config.model_type!r})")
-    weight_map = registry.hook.lmport_weight_mapping(config=config, model_class=model_class)
+    model_class = registry.model_class_for(config, plugin if config_arg is not None else None)  # load_config chose
+    weight_map = registry.weight_map_for(config, model_class)
 
     source = open_weights(folder, LoadOptions(variant=variant, use_safetensors=use_safetensors))
     try:
         infos = list(source.infos())
         target_dtype = resolve_dtype(dtype, config, infos)
+        if config_arg is None and "tie_word_embeddings" not in config_overrides:  # an explicit choice is honoured
+            untie_if_stored_apart(config, model_class, weight_map, source, infos)
         model = build_on_meta(model_class, config)
         # A config that lies about the model's size fails here, on the meta device, not in the allocator.
         check_size_against_checkpoint(

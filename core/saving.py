@@ -141,7 +141,7 @@ def save_model(
         repo_id = upload_args.pop("repo_id", None) or folder.resolve().name
         upload = HubUpload(repo_id, token=token, create_repo_kwargs=create_args)
 
-    weight_map = get_registry().hook.lmport_weight_mapping(config=model.config, model_class=type(model))
+    weight_map = get_registry().weight_map_for(model.config, type(model))  # the architecture's, however built
     tied = model.tied_parameter_names()
     if state_dict is None:
         state_dict = dict(model.named_checkpoint_tensors())

@@ -20,6 +20,7 @@ from ..generation import GenerationMixin
 from ..weights import IDENTITY, WeightMap
 from .compat import TransformersCompat
 from .forward_args import check_forward_kwargs
+from .initialization import init_parameter
 from .layers import Attention
 from .loss import causal_lm_loss
 from .outputs import BaseModelOutput, CausalLMOutput
@@ -183,7 +184,7 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
     """
 
     config_class: ClassVar[type[PretrainedConfig]] = PretrainedConfig
-    #: Rules between checkpoint and module tensors (see :mod:`lmport.weights`).
+    #: Rules between checkpoint and module tensors (see :mod:`lmport.weights`); see :meth:`weight_map_for`.
     weight_map: ClassVar[WeightMap] = IDENTITY
     #: ``target: source`` parameter names shared when ``config.tie_word_embeddings``.
     tied_weights: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -207,6 +208,16 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
     # --- construction ----------------------------------------------------------------
 
     @classmethod
+    def weight_map_for(cls, config: PretrainedConfig) -> WeightMap:
+        """The weight map of checkpoints of ``config``: :attr:`weight_map` unless overridden.
+
+        Override it when the rules depend on the config (the split sizes of a fused q/k/v
+        projection under grouped KV heads). Loading and saving ask the ``lmport_weight_mapping``
+        hook, whose default answer is this; a plugin implementing the hook takes precedence.
+        """
+        return cls.weight_map
+
+    @classmethod
     def from_config(
         cls,
         config: PretrainedConfig,
@@ -216,9 +227,11 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
         attn_implementation: str | None = None,
         seed: int | None = None,
     ) -> PreTrainedCausalLM:
-        """A freshly initialised model (normal(0, ``initializer_range``) weights, unit norms)."""
+        """A freshly initialised model: each parameter filled by :meth:`init_parameter`, buffers computed."""
         from ..loading import select_attention
+        from ..registry import get_registry
 
+        get_registry().ensure(config.model_type, model_class=cls)  # its hooks answer (kernel, saving)
         model = build_on_meta(cls, config)
         device = torch.device(device)
         model.to_empty(device=device)
@@ -246,18 +259,11 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
     ) -> None:
         """Fill ``tensor`` (``module.<attr>``) as transformers initialises this family, in place.
 
-        Biases are zero, norm weights one, other weights normal(0, ``initializer_range``).
+        The rules per parameter kind are :mod:`lmport.modeling.initialization`'s: a module's own
+        ``init_values`` first, then biases zero, linear and embedding weights normal(0,
+        ``initializer_range``), norm weights one. Override to add rules that depend on the model.
         """
-        with torch.no_grad():
-            if attr == "bias":
-                tensor.zero_()
-            elif isinstance(module, (nn.Linear, nn.Embedding)) or "Norm" not in type(module).__name__:
-                tensor.normal_(0.0, self.config.initializer_range, generator=generator)
-                padding_idx = getattr(module, "padding_idx", None)
-                if isinstance(module, nn.Embedding) and padding_idx is not None:
-                    tensor[padding_idx].zero_()
-            else:
-                tensor.fill_(1.0)
+        init_parameter(module, attr, tensor, self.config.initializer_range, generator)
 
     def init_buffers(self, device: torch.device) -> None:
         """Compute every non-persistent buffer on ``device`` (they are never in checkpoints)."""
@@ -529,7 +535,7 @@ class PreTrainedCausalLM(nn.Module, TransformersCompat, GenerationMixin):
         if foreign:
             from ..registry import get_registry
 
-            weight_map = get_registry().hook.lmport_weight_mapping(config=self.config, model_class=type(self))
+            weight_map = get_registry().weight_map_for(self.config, type(self))
             for key in foreign:
                 name = key[len(prefix) :]
                 if weight_map.ignored(name):  # dropped as from_pretrained drops it
