@@ -335,9 +335,16 @@ def FloatDtype(value: Any, config: Any) -> str | None:  # noqa: N802 - used like
     return f"must be a floating dtype lmport computes in ({', '.join(sorted(COMPUTE_DTYPES))})"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class PretrainedConfig:
     """Fields every causal LM shares; subclasses add their own as dataclass fields.
+
+    The core sets no architecture's defaults: ``vocab_size``, ``hidden_size`` and
+    ``num_hidden_layers`` are required here, and each architecture's subclass gives them
+    transformers' defaults for that architecture, so a ``config.json`` that omits a key reads
+    as transformers reads it. Fields are keyword-only (``kw_only=True``), so a subclass may add
+    required fields after the defaulted ones; a key that stays without a value raises
+    :class:`ConfigError` naming it.
 
     Keys of ``config.json`` that are not fields are kept in :attr:`extra` and
     written back by :meth:`to_dict`, so a load/save round trip loses nothing.
@@ -375,9 +382,9 @@ class PretrainedConfig:
         "attn_implementation": InstanceOf((str,), "the name of an attention kernel (a string)"),
     }
 
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    num_hidden_layers: int = 32
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -410,6 +417,9 @@ class PretrainedConfig:
                 kwargs[key] = _as_float_field(value, hints[key])
             elif key != "model_type":
                 extra[key] = value
+        missing = [cls.key_repr(name) for name in sorted(cls.required_fields()) if name not in kwargs]
+        if missing:
+            raise ConfigError(f"{source}: key(s) {', '.join(missing)} required: {cls.__name__} has no default for them")
         try:
             config = cls(**kwargs, extra=extra)
         except (TypeError, ValueError) as exc:
@@ -527,6 +537,28 @@ class PretrainedConfig:
         configs in transformers; a causal LM has one side, so both give this config.
         """
         return self
+
+    @classmethod
+    def required_fields(cls) -> frozenset[str]:
+        """Names of the fields without a default: ``config.json`` must give them."""
+        missing = dataclasses.MISSING
+        return frozenset(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init and f.default is missing and f.default_factory is missing  # type: ignore[misc]
+        )
+
+    @classmethod
+    def field_default(cls, name: str) -> Any:
+        """The default of field ``name``, or ``None`` where it has none (a required field)."""
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                if f.default is not dataclasses.MISSING:
+                    return f.default
+                if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                    return f.default_factory()  # type: ignore[misc]
+                return None
+        raise KeyError(name)
 
     @classmethod
     def has_field(cls, name: str) -> bool:

@@ -409,6 +409,9 @@ class BaseToyConfig(PretrainedConfig):
     model_type: ClassVar[str] = "toy"
     field_checks = {"num_experts": Size(64), "router_jitter": Probability, "temperature": Real(0.0, min_open=True)}
 
+    vocab_size: int = 128
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
     num_experts: int = 8
     top_k: int = 2
     router_jitter: float = 0.0

@@ -27,14 +27,16 @@ from .layers import Attention, DecoderLayer, GatedMLP, RMSNorm
 from .rope import RotaryEmbedding, rotary_dim, standardize_rope_parameters, validate_rope_parameters
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RopeDecoderConfig(PretrainedConfig):
     """Fields shared by rotary, RMSNorm, gated-MLP decoders; both RoPE spellings are read.
 
     ``rope_scaling`` + ``rope_theta`` (legacy) and ``rope_parameters`` (current) in
     ``config.json`` both end up in :attr:`rope_parameters`, which is what is saved.
     ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
-    ``num_key_value_heads`` to ``num_attention_heads``.
+    ``num_key_value_heads`` to ``num_attention_heads``. The sizes, ``hidden_act``,
+    ``max_position_embeddings`` and ``rms_norm_eps`` have no default here: each architecture's
+    subclass gives transformers' defaults for it.
 
     RoPE types are those registered with :func:`~lmport.modeling.register_rope`. A subclass
     with a field ``original_max_position_embeddings`` (Phi-3) has it replace the RoPE dict's, as
@@ -60,13 +62,13 @@ class RopeDecoderConfig(PretrainedConfig):
         "pad_token_id": TokenId(strict=True),  # the embedding's padding row
     }
 
-    intermediate_size: int = 11008
-    num_attention_heads: int = 32
+    intermediate_size: int
+    num_attention_heads: int
     num_key_value_heads: int | None = None
     head_dim: int | None = None
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-6
+    hidden_act: str
+    max_position_embeddings: int
+    rms_norm_eps: float
     rope_parameters: dict[str, Any] | None = None
     attention_dropout: float = 0.0
 
@@ -78,19 +80,25 @@ class RopeDecoderConfig(PretrainedConfig):
         if rope_scaling is not None or rope_theta is not None or raw.get("rope_parameters") is not None:
             if rope_theta is not None and Real(1.0, min_open=True)(rope_theta, None):
                 raise ValueError(f"key 'rope_theta' must be a finite number > 1, got {rope_theta!r:.60}")
-            max_positions = raw.get("max_position_embeddings", cls.max_position_embeddings)
+            max_positions = raw.get("max_position_embeddings", cls.field_default("max_position_embeddings"))
+            if max_positions is None:
+                raise ValueError(f"key 'max_position_embeddings' required: {cls.__name__} has no default for it")
             params = standardize_rope_parameters(
                 raw.get("rope_parameters"),
                 rope_scaling,
                 rope_theta,
                 max_positions,
-                **cls._rope_context(lambda name: raw.get(name, getattr(cls, name, None))),
+                **cls._rope_context(lambda name: raw[name] if name in raw else cls._default_or_none(name)),
             )
             if Size(MAX_POSITIONS)(max_positions, None) is None:  # else its own check names it
                 key = "rope_scaling" if rope_scaling is not None else "rope_parameters"
                 validate_rope_parameters(params, key=key, warn=False, partial_rotary=cls.supports_partial_rotary)
             raw["rope_parameters"] = params
         return raw
+
+    @classmethod
+    def _default_or_none(cls, name: str) -> Any:
+        return cls.field_default(name) if cls.has_field(name) else None
 
     @classmethod
     def _rope_context(cls, get: Callable[[str], Any]) -> dict[str, Any]:
