@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import MAX_POSITIONS, Check
+from ..config import _as_real as _real  # a finite float, or None
 from ..errors import PluginConflictError
 
 #: ``compute(params, dim, max_position_embeddings, seq_len) -> (inv_freq, attention_scaling)``: the
@@ -30,16 +31,6 @@ RopeValidator = Callable[[dict[str, Any], "int | None", str], None]
 RopeUpdate = Callable[["RotaryEmbedding", torch.Tensor, torch.device], None]
 
 logger = logging.getLogger("lmport")
-
-
-def _real(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _rule(test: Callable[[Any], bool], words: str) -> Check:
