@@ -14,6 +14,8 @@ TINY_CONFIG = {
     "resid_pdrop": 0.0,
     "embd_pdrop": 0.0,
     "attn_pdrop": 0.0,
+    "bos_token_id": 255,  # GPT-2's default 50256 lies outside a tiny vocabulary
+    "eos_token_id": 255,
 }
 
 plugin = Architecture("gpt2", GPT2Config, GPT2LMHeadModel, tiny_config=TINY_CONFIG)
