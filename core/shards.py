@@ -237,14 +237,17 @@ class WeightFiles:
 
 
 def find_weights(folder: Path, single: str, index: str, variant: str | None) -> WeightFiles:
-    """The files of one format in ``folder`` (an empty list when it has none), symlink policy applied."""
+    """The files of one format in ``folder`` (an empty list when it has none), symlink policy applied.
+
+    The single file wins over an index when both are there, as transformers chooses.
+    """
+    single_path = folder / add_variant(single, variant)
+    if checked_file(folder, single_path) is not None:
+        return WeightFiles([single_path])
     index_path = folder / add_variant(index, variant)
     if checked_file(folder, index_path) is not None:
         shards = read_index(index_path)
         return WeightFiles(sorted(set(shards.values())), index_path, shards)
-    single_path = folder / add_variant(single, variant)
-    if checked_file(folder, single_path) is not None:
-        return WeightFiles([single_path])
     return WeightFiles([])
 
 

@@ -12,8 +12,8 @@ A load fetches only what it needs, all at one commit:
 3. ``generation_config.json`` when the repository has one;
 4. one weight format, chosen as the local format plugins choose: safetensors first
    (unless ``use_safetensors=False``), then ``pytorch_model.bin`` (unless
-   ``use_safetensors=True``); for a format, its index file if the repository has one,
-   then only the shards that index lists, else its single file; ``variant`` names
+   ``use_safetensors=True``); for a format, its single file if the repository has one (as
+   transformers prefers it), else its index file and only the shards it lists; ``variant`` names
    ``model.<variant>.safetensors`` and so on. The other format is never requested.
 
 Offline (``local_files_only=True``, or ``HF_HUB_OFFLINE=1``) the same choice is made
@@ -225,10 +225,10 @@ class HubFetch:
             index, single = add_variant(index, self.options.variant), add_variant(single, self.options.variant)
             looked += [single, index]
             exists = (lambda n: self.full(n) in listing) if listing is not None else self.cached
+            if exists(single):  # the single file wins over an index, as transformers chooses
+                return None, single
             if exists(index):
                 return index, None
-            if exists(single):
-                return None, single
         where = self.where()
         if listing is None:
             raise OfflineError(

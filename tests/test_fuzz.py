@@ -792,6 +792,7 @@ def mutate_index(spec: dict[str, Any]) -> Callable[[Path], str]:
         index_path = folder / (ST_INDEX if fmt == "safetensors" else BIN_INDEX)
         data = json.loads(index_path.read_text())
         weight_map: dict[str, Any] = data["weight_map"]
+        original = dict(weight_map)
         names = sorted(weight_map)
         shards = sorted(set(weight_map.values()))
         text: str | None = None
@@ -830,7 +831,7 @@ def mutate_index(spec: dict[str, Any]) -> Callable[[Path], str]:
                 if op["name"] in (ST, BIN) or (fmt == "bin") == op["name"].endswith(".safetensors"):
                     expect = ANY if expect != SAME else SAME_OR_ERROR  # another format's file: preference rules
             elif kind == "duplicate_tensor":
-                listed = weight_map.get(name) if isinstance(weight_map, dict) else None
+                listed = original.get(name)  # the shard that holds it, whatever the index says by now
                 others = [s for s in shards if s != listed and _plain(folder / s)]
                 if isinstance(listed, str) and others and _plain(folder / listed):
                     target = folder / others[op["k"] % len(others)]

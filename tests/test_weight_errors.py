@@ -328,3 +328,25 @@ def test_name_too_long_for_a_path_is_a_source_error() -> None:
 def test_autoconfig_plugin_of_the_wrong_type(base: Path) -> None:
     with pytest.raises(errors.ArgumentError, match="plugin"):
         lmport.AutoConfig.from_pretrained(base, plugin=["x"])
+
+
+def test_single_file_wins_over_an_index_as_in_transformers(tmp_path: Path) -> None:
+    """A folder holding model.safetensors and a (stale) index with other shards: both libraries read the single file."""
+    import shutil
+
+    import transformers
+    from conftest import save_hf_llama_random
+    from helpers import load_lmport
+
+    single = save_hf_llama_random(tmp_path / "single", seed=0)
+    sharded = tmp_path / "sharded"
+    transformers.AutoModelForCausalLM.from_pretrained(save_hf_llama_random(tmp_path / "other", seed=1)).save_pretrained(
+        sharded, max_shard_size="100KB"
+    )
+    for f in sharded.iterdir():
+        if f.name.startswith("model-") or f.name.endswith(".index.json"):
+            shutil.copy(f, single / f.name)
+    ids = torch.tensor([[1, 5, 9, 33, 2, 77]])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(single, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_lmport(single)(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
