@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import save_hf
+from conftest import TINY_LLAMA, save_hf
 from helpers import (
     ATTENTION,
     LOGITS_ATOL,
@@ -59,17 +59,7 @@ ORIGINAL = 16  # original_max_position_embeddings: LongRoPE's switch
 SHORT, LONG = 12, 40  # sequence lengths on either side of it
 
 TINY: dict[str, Any] = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    original_max_position_embeddings=ORIGINAL,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
+    TINY_LLAMA, original_max_position_embeddings=ORIGINAL, pad_token_id=0, bos_token_id=1, eos_token_id=2
 )
 
 
