@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 import warnings
@@ -49,7 +48,15 @@ from .quantization import (
 )
 from .registry import get_registry
 from .shards import add_variant
-from .weights import COMPUTE_DTYPES, TensorInfo, WeightMap, WeightSource, check_loadable, check_unique
+from .weights import (
+    COMPUTE_DTYPES,
+    CastingWeightSource,
+    TensorInfo,
+    WeightMap,
+    WeightSource,
+    check_loadable,
+    check_unique,
+)
 
 logger = logging.getLogger("lmport")
 
@@ -316,11 +323,7 @@ def load_weights(
             f"{files}: {len(missing)} weight(s) of {type(model).__name__} are not in the checkpoint: {shown}"
         )
 
-    read_as = getattr(source, "read_as", None)
-    try:
-        takes_transient = read_as is not None and "transient" in inspect.signature(read_as).parameters
-    except (TypeError, ValueError):  # no introspectable signature
-        takes_transient = False
+    read_as = source.read_as if isinstance(source, CastingWeightSource) else None
 
     def consumed(module_name: str) -> bool:
         """Whether the read tensor is dropped once used: quantized, offloaded, or copied to another device."""
@@ -334,7 +337,7 @@ def load_weights(
         try:
             if read_as is None:
                 tensor = source.read(info)
-            elif takes_transient and (weight_map.rewrites_layout(info.name) or all(consumed(n) for n in names)):
+            elif weight_map.rewrites_layout(info.name) or all(consumed(n) for n in names):
                 # Only copies of it are kept (transposed, split, quantized, moved): read it into memory
                 # that is released as soon as it is dropped, not into a view of the mapped file.
                 tensor = read_as(info, dtype, transient=True)

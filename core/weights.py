@@ -48,20 +48,31 @@ class WeightSource(Protocol):
         ...
 
     def read(self, info: TensorInfo) -> torch.Tensor:
-        """Read one tensor (CPU). Each tensor is read at most once per load, possibly from several threads.
-
-        A source may also define ``read_as(info, dtype)``: the loader then calls it with
-        the dtype floating tensors will be cast to, so the source can choose how to read
-        (zero-copy when no cast follows) or return the tensor already cast. If it also
-        takes a keyword ``transient``, the loader passes ``transient=True`` for tensors it
-        consumes at once and drops (quantized or offloaded to disk): read those into
-        memory of their own rather than as views into a file mapping, whose pages would
-        stay counted in the process's RSS for as long as the file is mapped.
-        """
+        """Read one tensor (CPU). Each tensor is read at most once per load, possibly from several threads."""
         ...
 
     def close(self) -> None:
         """Release open files and maps."""
+        ...
+
+
+@runtime_checkable
+class CastingWeightSource(WeightSource, Protocol):
+    """A :class:`WeightSource` that also reads a tensor straight into the dtype it will be cast to.
+
+    The loader uses :meth:`read_as` instead of :meth:`~WeightSource.read` for every source
+    that has it (the builtin safetensors source does).
+    """
+
+    def read_as(self, info: TensorInfo, dtype: torch.dtype | None, *, transient: bool = False) -> torch.Tensor:
+        """Read one tensor, floating tensors cast to ``dtype`` (``None``: as stored).
+
+        The source chooses how to read (zero-copy when no cast follows) or returns the
+        tensor already cast. With ``transient=True`` the loader keeps only copies of the
+        tensor (it is split, transposed, quantized, offloaded or moved to another device):
+        read it into memory of its own rather than as a view into a file mapping, whose
+        pages would stay counted in the process's RSS for as long as the file is mapped.
+        """
         ...
 
 
