@@ -13,7 +13,10 @@ from .architecture import Architecture
 from .attention import AttentionKernel, AttentionMask
 from .auto import AutoConfig, AutoModelForCausalLM
 from .config import PretrainedConfig
+from .distributed import DistributedConfig
 from .generation_config import GenerationConfig
+from .gguf_spec import GGUFArchitecture
+from .gguf_tokenizer import GGUFTokenizer
 from .errors import (
     ArgumentError,
     AuthenticationError,
@@ -26,6 +29,7 @@ from .errors import (
     AttentionKernelError,
     ConfigError,
     CorruptWeightsError,
+    DistributedError,
     DuplicateTensorError,
     FolderChangedError,
     GenerationSettingError,
@@ -102,10 +106,14 @@ __all__ = [
     "BitsAndBytesConfig",
     "ConfigError",
     "CorruptWeightsError",
+    "DistributedConfig",
+    "DistributedError",
     "DuplicateTensorError",
     "FolderChangedError",
     "GenerationConfig",
     "GenerationSettingError",
+    "GGUFArchitecture",
+    "GGUFTokenizer",
     "LmportError",
     "MissingShardError",
     "MissingWeightsError",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from .config import PretrainedConfig
+from .gguf_spec import GGUFArchitecture
 from .hookspecs import hookimpl
 
 
@@ -26,6 +29,8 @@ class Architecture:
         model_class: the model class (its ``weight_map_for(config)`` is the default map).
         tiny_config: ``config.json`` values for a tiny instance (used by ``lmport demo``
             and by plugin authors' tests); ``None`` if the plugin offers none.
+        gguf: how GGUF files of each llama.cpp architecture name it reads load
+            (:class:`~lmport.gguf_spec.GGUFArchitecture`); their ``model_type`` is this one's.
     """
 
     def __init__(
@@ -35,11 +40,13 @@ class Architecture:
         model_class: type,
         *,
         tiny_config: dict[str, Any] | None = None,
+        gguf: Sequence[GGUFArchitecture] = (),
     ) -> None:
         self.model_type = model_type
         self.config_class = config_class
         self.model_class = model_class
         self.tiny_config = tiny_config
+        self.gguf = tuple(g if g.model_type else dataclasses.replace(g, model_type=model_type) for g in gguf)
 
     def __repr__(self) -> str:
         return f"Architecture({self.model_type!r}, {self.config_class.__name__}, {self.model_class.__name__})"
@@ -56,3 +63,7 @@ class Architecture:
         if not isinstance(config, self.config_class) or config.model_type != self.model_type:
             return None
         return self.model_class
+
+    @hookimpl(trylast=True)
+    def lmport_gguf_architecture(self, name: str) -> GGUFArchitecture | None:
+        return next((g for g in self.gguf if g.name == name), None)

@@ -7,8 +7,8 @@ from typing import Any
 
 from .config import PretrainedConfig
 from .errors import ArgumentError
-from .options import SourceOptions
-from .registry import get_registry
+from .hooks import model_class_for
+from .request import LoadRequest
 
 
 class AutoConfig:
@@ -18,28 +18,23 @@ class AutoConfig:
         raise TypeError("use AutoConfig.from_pretrained(...)")
 
     @staticmethod
-    def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> PretrainedConfig:
+    def from_pretrained(name_or_path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """The typed config of a checkpoint; keyword arguments naming fields override them.
 
-        Accepts the source arguments of ``from_pretrained`` (``revision``, ``cache_dir``,
-        ``token``, ``local_files_only``, ``subfolder``), ``trust_remote_code`` and ``plugin``.
+        Arguments are parsed as ``AutoModelForCausalLM.from_pretrained`` parses them, and, as in
+        transformers: the source arguments (``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``, ``subfolder``, ...), ``trust_remote_code`` and ``plugin`` locate and
+        parse the config; ``dtype`` (or ``torch_dtype``; ``"auto"`` changes nothing) and
+        ``attn_implementation`` are recorded on it; loading arguments that cannot change a config
+        (``device_map``, ``output_loading_info``, ``low_cpu_mem_usage``, ...) are accepted without
+        effect; ``quantization_config``, ``load_in_4bit``/``load_in_8bit`` and ``config`` are refused
+        (:class:`~lmport.errors.ArgumentError`: pass them to the model's ``from_pretrained``), as
+        are names that are no field (unless ``return_unused_kwargs=True``, which returns
+        ``(config, unused_kwargs)``).
         """
-        from .loading import load_config, resolve_folder
+        from .pipeline import config_from_pretrained
 
-        source_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "force_download", "proxies")
-        source = {k: kwargs.pop(k) for k in source_keys if k in kwargs}
-        if "cache_dir" in source and source["cache_dir"] is not None:
-            source["cache_dir"] = os.fspath(source["cache_dir"])
-        folder = resolve_folder(name_or_path, SourceOptions(**source, config_only=True))
-        trust = kwargs.pop("trust_remote_code", None)
-        plugin = kwargs.pop("plugin", None)
-        config = load_config(folder, plugin=plugin, trust_remote_code=trust)
-        unknown = sorted(k for k in kwargs if not config.has_field(k))
-        if unknown:
-            raise ArgumentError(f"AutoConfig.from_pretrained got unknown arguments {unknown}")
-        if kwargs:
-            config.update(kwargs)
-        return config
+        return config_from_pretrained(LoadRequest.parse(name_or_path, kwargs, caller="AutoConfig"))
 
 
 class AutoModelForCausalLM:
@@ -80,12 +75,13 @@ class AutoModelForCausalLM:
         if model_args:
             raise ArgumentError("positional model arguments are not supported; pass keyword arguments")
         from .atomic import load_attempts
-        from .loading import from_pretrained
+        from .pipeline import from_pretrained
 
+        request = LoadRequest.parse(pretrained_model_name_or_path, kwargs)
         # Loaded again when a save replaced the folder meanwhile: the model comes from one save.
         for attempt in load_attempts():
             with attempt:
-                model = from_pretrained(pretrained_model_name_or_path, **kwargs)
+                model = from_pretrained(request)
             if attempt.consistent:
                 return model
         raise AssertionError("unreachable: load_attempts raises when it runs out")
@@ -99,4 +95,4 @@ class AutoModelForCausalLM:
         """
         if not isinstance(config, PretrainedConfig):
             raise ArgumentError(f"from_config needs an lmport config object, got {type(config).__name__}")
-        return get_registry().model_class_for(config, plugin).from_config(config, **kwargs)
+        return model_class_for(config, plugin).from_config(config, **kwargs)

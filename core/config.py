@@ -1,342 +1,51 @@
-"""Typed model configs: the base dataclass that every architecture's config extends."""
+"""Typed model configs: the base dataclass that every architecture's config extends.
+
+The value checks and bounds (:mod:`lmport.config_checks`) and the reading of ``config.json``
+(:mod:`lmport.config_json`) are re-exported here, where plugins import them from.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import math
-import os
-import re
-import reprlib
-import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
 
+from .config_checks import (
+    COMPUTE_DTYPES,
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_HIDDEN_SIZE,
+    MAX_INTERMEDIATE_SIZE,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB_SIZE,
+    Advisory,
+    Check,
+    FloatDtype,
+    InstanceOf,
+    Integer,
+    OneOf,
+    Positive,
+    Probability,
+    Real,
+    Size,
+    TokenId,
+)
+from .config_checks import _as_float_field, _matches, _short, _type_name, _warned
+from .config_files import ConfigFilesMixin
+from .config_json import CONFIG_NAME, MAX_CONFIG_BYTES, MAX_INT_DIGITS, MAX_JSON_DEPTH, read_config_json
 from .errors import ArgumentError, ConfigError
 
 C = TypeVar("C", bound="PretrainedConfig")
 
-CONFIG_NAME = "config.json"
-
 logger = logging.getLogger("lmport")
-
-# --- bounds on what config.json may declare ------------------------------------------------
-# Far above any released model, low enough that a lying config.json is refused at parse time,
-# before a model is built (a meta-device build costs about 1 ms and 35 KB per layer).
-
-#: Most token embeddings (largest released vocabularies: about 262k).
-MAX_VOCAB_SIZE = 1 << 24
-#: Widest hidden state (largest released: 16,384-25,600).
-MAX_HIDDEN_SIZE = 1 << 17
-#: Widest MLP (largest released: about 100k).
-MAX_INTERMEDIATE_SIZE = 1 << 20
-#: Deepest stack (largest released: 126; 1,024 layers build on the meta device in about a second).
-MAX_LAYERS = 1024
-#: Most attention heads, query or key/value (largest released: 128).
-MAX_HEADS = 1 << 14
-#: Widest attention head (largest released: 256); bounds the rotary table built with the model.
-MAX_HEAD_DIM = 1 << 14
-#: Longest context (largest released: about 10M positions); also bounds windows.
-MAX_POSITIONS = 1 << 30
-#: Deepest JSON nesting in config.json (released configs nest 3-5 levels).
-MAX_JSON_DEPTH = 64
-#: Most digits of one JSON integer (an int64 has 19).
-MAX_INT_DIGITS = 100
-#: Largest config.json read (released configs are a few KB; label maps reach a few MB).
-MAX_CONFIG_BYTES = 16 << 20
-
-
-class _IntegerTooLong(Exception):
-    def __init__(self, digits: str) -> None:
-        self.digits = digits
-
-
-def _parse_int(text: str) -> int:
-    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
-        raise _IntegerTooLong(text)
-    return int(text)
-
-
-def _line_col(text: str, pos: int) -> tuple[int, int]:
-    line = text.count("\n", 0, pos) + 1
-    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
-
-
-# A JSON string, possessive (linear time), also ending at the end of the text if unterminated.
-_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.S)
-# Byte -> nesting step as int8: +1 for [ and {, -1 for ] and }, 0 otherwise.
-_NESTING_STEP = bytes(1 if b in b"[{" else 255 if b in b"]}" else 0 for b in range(256))
-
-
-def _nesting_exceeds(text: str, limit: int) -> bool:
-    """Whether JSON ``text`` nests arrays/objects more than ``limit`` deep (brackets in strings ignored).
-
-    Linear in the text's length (a running sum over 4 MiB chunks), so a large hostile file costs
-    a fraction of a second, never a recursion.
-    """
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    import torch
-
-    data = bytearray(_JSON_STRING.sub("", text).encode("utf-8").translate(_NESTING_STEP))
-    depth, chunk = 0, 1 << 22
-    for start in range(0, len(data), chunk):
-        steps = torch.frombuffer(data, dtype=torch.int8, offset=start, count=min(chunk, len(data) - start))
-        running = steps.cumsum(0, dtype=torch.int32) + depth
-        if int(running.max()) > limit:
-            return True
-        depth = int(running[-1])
-    return False
-
-
-def read_config_json(folder: Path) -> dict[str, Any]:
-    """Read and decode ``folder/config.json``, raising :class:`ConfigError` naming the file.
-
-    The file may be at most :data:`MAX_CONFIG_BYTES`, nest at most :data:`MAX_JSON_DEPTH`
-    levels and hold integers of at most :data:`MAX_INT_DIGITS` digits.
-    """
-    from .shards import checked_file  # the symlink policy (lmport.shards)
-
-    path = Path(folder) / CONFIG_NAME
-    if checked_file(Path(folder), path, unreadable=ConfigError) is None:
-        raise ConfigError(f"{path}: no {CONFIG_NAME} in checkpoint folder {folder}")
-    try:
-        with path.open("rb") as f:
-            blob = f.read(MAX_CONFIG_BYTES + 1)
-        if len(blob) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a model config")
-        text = blob.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc}") from exc
-    text = text.removeprefix("\ufeff")
-    if _nesting_exceeds(text, MAX_JSON_DEPTH):
-        raise ConfigError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; not a model config")
-    try:
-        raw = json.loads(text, parse_int=_parse_int)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
-    except _IntegerTooLong as exc:
-        pos = max(text.find(exc.digits), 0)
-        line, col = _line_col(text, pos)
-        key = re.search(r'"((?:[^"\\]|\\.)*)"\s*:\s*$', text[max(0, pos - 1000) : pos])
-        where = f"key {key.group(1)!r}" if key else "a value"
-        raise ConfigError(
-            f"{path}: {where} (line {line}, column {col}) is an integer of {len(exc.digits)} digits; "
-            f"at most {MAX_INT_DIGITS} are accepted"
-        ) from None
-    except (RecursionError, ValueError) as exc:  # ValueError: a limit of the decoder itself
-        raise ConfigError(f"{path}: cannot be decoded: {type(exc).__name__}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a decoded JSON value fits a type hint (ints fit floats, bools fit nothing else)."""
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list or hint is list:
-        args = typing.get_args(hint)
-        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _as_float_field(value: Any, hint: Any) -> Any:
-    """An integer given for a field typed ``float`` (not ``int``) as a float: JSON writes ``1e-05`` and ``1``
-    alike, and an integer past 64 bits (``2**64``) would fail inside torch, not here. Too large a one is left
-    as it is, for the field's check to refuse."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        return value
-    allowed = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
-    if float not in allowed or int in allowed or Any in allowed:
-        return value
-    try:
-        return float(value)
-    except OverflowError:
-        return value
-
-
-# --- declarative per-key checks ------------------------------------------------------------
-
-#: A check of one config value: returns ``None`` when ``value`` is acceptable, else what it
-#: must be (``"must be a positive integer"``); the config's key and value are added to the
-#: message. Receives the whole config for checks relative to other fields (token ids).
-#: Returning an :class:`Advisory` logs it as a warning instead.
-Check = Callable[[Any, Any], Union[str, None]]
-
-
-class Advisory(str):
-    """What a :data:`Check` returns for a value it accepts with a logged warning."""
-
-
-_warned: set[tuple[str, str, str]] = set()
-
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 60
-_short.maxlist = _short.maxdict = 8
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _as_real(value: Any) -> float | None:
-    """``value`` as a finite float, or ``None`` (not a number, a bool, NaN, infinite, too large)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Integer:
-    """An integer within ``[min, max]`` (bools refused)."""
-
-    min: int = 1
-    max: int | None = None
-
-    def __call__(self, value: Any, config: Any) -> str | None:
-        if _is_int(value) and value >= self.min and (self.max is None or value <= self.max):
-            return None
-        if self.max is None:
-            return "must be a positive integer" if self.min == 1 else f"must be an integer >= {self.min}"
-        lower = "a positive integer" if self.min == 1 else f"an integer >= {self.min}"
-        return f"must be {lower} of at most {self.max:,}"
-
-
-def Size(max: int) -> Integer:  # noqa: N802 - reads as a type in field_checks
-    """A positive integer of at most ``max``: a dimension or a count."""
-    return Integer(1, max)
-
-
-@dataclasses.dataclass(frozen=True)
-class Real:
-    """A finite number (int or float) within the interval; NaN and infinities are refused."""
-
-    min: float | None = None
-    max: float | None = None
-    min_open: bool = False
-    max_open: bool = False
-
-    def __call__(self, value: Any, config: Any) -> str | None:
-        number = _as_real(value)
-        ok = number is not None
-        if ok and self.min is not None:
-            ok = number > self.min if self.min_open else number >= self.min
-        if ok and self.max is not None:
-            ok = number < self.max if self.max_open else number <= self.max
-        if ok:
-            return None
-        bounds = []
-        if self.min is not None:
-            bounds.append(f"{'>' if self.min_open else '>='} {self.min:g}")
-        if self.max is not None:
-            bounds.append(f"{'<' if self.max_open else '<='} {self.max:g}")
-        return "must be a finite number" + (f" {' and '.join(bounds)}" if bounds else "")
-
-
-#: A finite number > 0 (epsilons, scales).
-Positive = Real(0.0, min_open=True)
-#: A dropout probability: a finite number in [0, 1).
-Probability = Real(0.0, 1.0, max_open=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class OneOf:
-    """A string among ``options`` (a collection, or a function returning one: a registry read at check time)."""
-
-    options: Iterable[str] | Callable[[], Iterable[str]]
-    what: str = "value"
-
-    def __call__(self, value: Any, config: Any) -> str | None:
-        options = self.options() if callable(self.options) else self.options
-        if isinstance(value, str) and value in options:
-            return None
-        return f"must be a known {self.what} ({', '.join(sorted(options))})"
-
-
-@dataclasses.dataclass(frozen=True)
-class InstanceOf:
-    """A value of one of ``types`` (for keys kept in :attr:`PretrainedConfig.extra`, which have no type hint)."""
-
-    types: tuple[type, ...]
-    what: str
-
-    def __call__(self, value: Any, config: Any) -> str | None:
-        return None if isinstance(value, self.types) and not isinstance(value, bool) else f"must be {self.what}"
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenId:
-    """A token id (or a list of them, for ``eos_token_id``): integers in ``[0, vocab_size)``.
-
-    ``strict=False`` accepts ids at or above ``vocab_size`` with a logged warning, as
-    transformers does: its own configs keep GPT-2's default ids (50256) when the vocabulary
-    is shrunk, and an id the model never indexes (one only ``generate`` compares against)
-    is harmless. Use ``strict=True`` for ids the model indexes (Llama's ``pad_token_id``
-    is its embedding's padding row).
-    """
-
-    strict: bool = False
-
-    def __call__(self, value: Any, config: Any) -> str | None:
-        ids = value if isinstance(value, list) else [value]
-        vocab = getattr(config, "vocab_size", None)
-        if self.strict and _is_int(value) and _is_int(vocab) and -vocab <= value < 0:
-            # torch.nn.Embedding counts a negative padding_idx from the end, as transformers' models do
-            # with the pad_token_id -1 some hub configs carry.
-            return Advisory(f"is negative: the embedding's padding row is {vocab + value} (counted from the end)")
-        if not all(_is_int(i) and 0 <= i < 2**63 for i in ids):  # past int64, no tensor can hold it
-            return "must be a non-negative integer token id below 2**63" + (
-                " or a list of them" if isinstance(value, list) else ""
-            )
-        if _is_int(vocab) and any(i >= vocab for i in ids):
-            if self.strict:
-                return f"must be a token id below vocab_size ({vocab})"
-            return Advisory(f"is outside the vocabulary (vocab_size {vocab}); generation can never produce it")
-        return None
-
-
-#: Floating dtypes lmport computes in, by the names ``config.json`` may give them.
-COMPUTE_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64", "float", "half", "double"})
-
-
-def FloatDtype(value: Any, config: Any) -> str | None:  # noqa: N802 - used like the classes above
-    """``dtype``: a floating dtype lmport can compute in (not float8/float4, integers or complex), or ``"auto"``."""
-    if isinstance(value, str) and (value in COMPUTE_DTYPES or value == "auto"):
-        return None
-    if type(value).__name__ == "dtype" and str(value).removeprefix("torch.") in COMPUTE_DTYPES:
-        return None  # a torch.dtype set by user code
-    return f"must be a floating dtype lmport computes in ({', '.join(sorted(COMPUTE_DTYPES))})"
 
 
 @dataclasses.dataclass(kw_only=True)
-class PretrainedConfig:
+class PretrainedConfig(ConfigFilesMixin):
     """Fields every causal LM shares; subclasses add their own as dataclass fields.
 
     The core sets no architecture's defaults: ``vocab_size``, ``hidden_size`` and
@@ -368,6 +77,11 @@ class PretrainedConfig:
     hf_architecture: ClassVar[str] = ""
     #: Field name → the key ``config.json`` uses for it, where they differ (GPT-2's ``n_embd``).
     json_names: ClassVar[dict[str, str]] = {}
+    #: Fields of a base class that this architecture does not have (Mistral's config derives from Llama's,
+    #: which has ``pretraining_tp``): ``config.json`` keys of these names stay in :attr:`extra` like unknown
+    #: keys (written back from there, never checked, not settable by :meth:`update`); the attribute reads
+    #: the key's value when ``config.json`` has it, else the base class's default.
+    omitted_fields: ClassVar[frozenset[str]] = frozenset()
     #: Key → check of its value (see :data:`Check`); keys are field names, or ``config.json``
     #: keys kept in :attr:`extra`. Merged with the base classes' dicts.
     field_checks: ClassVar[Mapping[str, Check | None]] = {
@@ -406,7 +120,7 @@ class PretrainedConfig:
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+        names = {f.name for f in cls._fields() if f.init}
         for key, value in raw.items():
             if key in names:
                 if not _matches(value, hints[key]):
@@ -424,22 +138,6 @@ class PretrainedConfig:
             config = cls(**kwargs, extra=extra)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: {exc}") from exc
-        return config
-
-    @classmethod
-    def from_pretrained(cls: type[C], name_or_path: str | os.PathLike[str], **kwargs: Any) -> C:
-        """A checkpoint's config, as transformers' config classes offer it (peft calls this).
-
-        Takes the arguments of :meth:`lmport.AutoConfig.from_pretrained`; the checkpoint's
-        ``model_type`` must be this class's (any type on the base class).
-        """
-        from .auto import AutoConfig
-
-        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-        if not isinstance(config, cls):
-            raise ConfigError(
-                f"{name_or_path}: its config is a {type(config).__name__} ({config.model_type!r}), not a {cls.__name__}"
-            )
         return config
 
     @classmethod
@@ -463,6 +161,11 @@ class PretrainedConfig:
         return raw
 
     def __post_init__(self) -> None:
+        for name in sorted(self.omitted_fields):
+            if name in self.extra:
+                setattr(self, name, self.extra[name])  # reads config.json's key, as any key kept in extra
+            elif getattr(self, name) != self.field_default(name):
+                raise TypeError(f"{type(self).__name__} has no field {name!r}")
         self.check_fields()
         self.validate()
 
@@ -472,7 +175,7 @@ class PretrainedConfig:
         merged: dict[str, Check | None] = {}
         for klass in reversed(cls.__mro__):
             merged.update(vars(klass).get("field_checks", {}))
-        return {key: check for key, check in merged.items() if check is not None}
+        return {key: check for key, check in merged.items() if check is not None and key not in cls.omitted_fields}
 
     def check_fields(self) -> None:
         """Run every declared field check; raise ``ValueError`` naming the first key at fault."""
@@ -544,7 +247,7 @@ class PretrainedConfig:
         missing = dataclasses.MISSING
         return frozenset(
             f.name
-            for f in dataclasses.fields(cls)
+            for f in cls._fields()
             if f.init and f.default is missing and f.default_factory is missing  # type: ignore[misc]
         )
 
@@ -563,7 +266,12 @@ class PretrainedConfig:
     @classmethod
     def has_field(cls, name: str) -> bool:
         """Whether ``name`` is a settable field of this config."""
-        return name != "extra" and name in {f.name for f in dataclasses.fields(cls)}
+        return name in {f.name for f in cls._fields()}
+
+    @classmethod
+    def _fields(cls) -> list[dataclasses.Field[Any]]:
+        """The dataclass fields that are keys of this config: all but :attr:`extra` and :attr:`omitted_fields`."""
+        return [f for f in dataclasses.fields(cls) if f.name != "extra" and f.name not in cls.omitted_fields]
 
     def __getattr__(self, name: str) -> Any:
         # Keys carried over from config.json read as attributes, as in transformers.
@@ -580,9 +288,8 @@ class PretrainedConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config in the Hugging Face ``config.json`` form."""
         out: dict[str, Any] = dict(self.extra)
-        for f in dataclasses.fields(self):
-            if f.name != "extra":
-                out[f.name] = getattr(self, f.name)
+        for f in self._fields():
+            out[f.name] = getattr(self, f.name)
         for name, key in self.json_names.items():
             out[key] = out.pop(name)
         out["model_type"] = self.model_type
@@ -592,68 +299,6 @@ class PretrainedConfig:
         if out.get("dtype") is not None and not isinstance(out["dtype"], str):  # a torch.dtype set by user code
             out["dtype"] = str(out["dtype"]).removeprefix("torch.")
         return dict(sorted(out.items()))
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], push_to_hub: bool = False, **kwargs: Any) -> Path:
-        """Write ``config.json`` into ``save_directory`` (atomically); returns its path.
-
-        ``push_to_hub=True`` then uploads it to ``repo_id`` (default: the folder's name), taking
-        ``token`` and the hub arguments :meth:`PreTrainedCausalLM.save_pretrained` takes, as
-        transformers' config does.
-        """
-        from .atomic import write_text
-        from .hub_upload import HubUpload, default_commit_message, split_hub_kwargs
-
-        folder = Path(save_directory)
-        upload = upload_args = None
-        if push_to_hub:
-            token = kwargs.pop("token", None)
-            upload_args, create_args = split_hub_kwargs(kwargs, f"{type(self).__name__}.save_pretrained")
-            repo_id = upload_args.pop("repo_id", None) or folder.resolve().name
-            upload = HubUpload(repo_id, token=token, create_repo_kwargs=create_args)
-        elif kwargs:
-            raise ArgumentError(f"{type(self).__name__}.save_pretrained got unexpected argument(s) {sorted(kwargs)}")
-        folder.mkdir(parents=True, exist_ok=True)
-        path = write_text(folder / CONFIG_NAME, self.to_json_string())  # atomic and fsynced (lmport.atomic)
-        if upload is not None and upload_args is not None:
-            message = upload_args.pop("commit_message", None) or default_commit_message(self)
-            upload.commit(folder, [CONFIG_NAME], commit_message=message, model_card=False, **upload_args)
-        return path
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        tags: list[str] | str | None = None,
-    ) -> Any:
-        """Upload ``config.json`` (and a model card) to hub repository ``repo_id``, created if needed.
-
-        As transformers' ``push_to_hub``; returns huggingface_hub's ``CommitInfo``. Offline
-        (``HF_HUB_OFFLINE=1``) raises :class:`~lmport.errors.OfflineError`; hub failures raise
-        other :class:`~lmport.errors.HubError` subclasses.
-        """
-        from .hub_upload import push
-
-        return push(
-            self,
-            repo_id,
-            self.save_pretrained,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            tags=tags,
-        )
 
     # --- transformers aliases ------------------------------------------------------------
 

@@ -135,6 +135,11 @@ class OffloadError(LmportError):
     """Weights to be offloaded to disk have no usable ``offload_folder``."""
 
 
+class DistributedError(LmportError):
+    """A distributed load or save cannot run as asked: the process group, the device mesh, the sizes of
+    ``distributed_config`` or a tensor/FSDP plan do not fit the world or the model (the message says which)."""
+
+
 class SaveError(LmportError, OSError):
     """``save_pretrained`` could not write the checkpoint folder; the message says what state it is in."""
 

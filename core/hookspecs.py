@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from .attention import AttentionKernel
     from .config import PretrainedConfig
+    from .formats import WeightFormat
+    from .gguf_spec import GGUFArchitecture
     from .options import LoadOptions, SourceOptions
     from .placement import Placement, PlacementOptions
     from .quantization import Quantizer
@@ -98,6 +100,39 @@ def lmport_open_weights(folder: Path, options: LoadOptions) -> WeightSource | No
     Returns:
         A :class:`~lmport.weights.WeightSource` that reads each tensor on demand,
         or ``None`` when this format has no files in ``folder``. First result wins.
+        The builtin implementation (asked last) opens the most preferred format of
+        ``lmport_weight_formats`` that has files in ``folder``: declare a format there
+        rather than implement this hook, unless you take over opening entirely.
+    """
+
+
+@hookspec
+def lmport_weight_formats() -> list[WeightFormat]:
+    """Declare the weight formats this plugin reads, and maybe writes (all results are collected).
+
+    Returns:
+        A list of :class:`~lmport.formats.WeightFormat` instances, each with its file
+        names (a single file and/or a shard index, variants applied by the format), a
+        ``preference`` (higher wins when a folder holds several formats; the builtins:
+        safetensors 200, PyTorch ``.bin`` 100), a reader (``open``) and, when
+        ``writable``, a writer (``write``) that ``save_pretrained`` may choose. The
+        builtin ``lmport_open_weights``, the hub source and the "no weight files" error
+        all ask these formats. Not ``firstresult``.
+    """
+
+
+@hookspec(firstresult=True)
+def lmport_gguf_architecture(name: str) -> GGUFArchitecture | None:
+    """Say how GGUF files of llama.cpp architecture ``name`` load (their config keys and tensor names).
+
+    Args:
+        name: the file's ``general.architecture`` metadata (``"llama"``, ``"gpt2"``).
+
+    Returns:
+        A :class:`~lmport.gguf_spec.GGUFArchitecture` (plain data: metadata key -> ``config.json``
+        key, GGUF tensor name -> checkpoint name, rows to un-permute, the ``model_type`` it
+        builds), or ``None`` when this plugin does not read ``name``. An
+        :class:`~lmport.Architecture` answers from its ``gguf=`` declarations. First result wins.
     """
 
 

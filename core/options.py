@@ -20,6 +20,9 @@ class SourceOptions:
     use_safetensors: bool | None = None
     #: Only ``config.json`` is needed (``AutoConfig``): a source need not fetch weights.
     config_only: bool = False
+    #: A GGUF file (relative to the checkpoint) that holds the config and the weights: a source fetches it instead
+    #: of ``config.json`` and another weight format.
+    gguf_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -28,3 +31,5 @@ class LoadOptions:
 
     variant: str | None = None
     use_safetensors: bool | None = None
+    #: A GGUF file inside the checkpoint to read weights (and config) from, for a format plugin that serves it.
+    gguf_file: str | None = None

@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .errors import ArgumentError, UnsupportedFeatureError
+
 #: ``device_map`` strings that ask a placement plugin to plan across devices.
 PLANNED = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -67,3 +69,25 @@ def is_single_device(device_map: Any) -> bool:
     if isinstance(device_map, dict):
         return set(device_map) == {""} and device_map[""] != "disk"
     return not (isinstance(device_map, str) and device_map in PLANNED)
+
+
+def resolve_device(device_map: Any) -> torch.device:
+    """The single device of ``device_map`` (None, "cpu", "cuda:0", an int, a torch.device or {"": dev}).
+
+    Raises:
+        ArgumentError: not a device, or the meta device.
+        UnsupportedFeatureError: CUDA asked for where none is available.
+    """
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if device_map is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError) as exc:
+        raise ArgumentError(f"device_map {device_map!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedFeatureError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available")
+    if device.type == "meta":
+        raise ArgumentError("device_map='meta' would load no weights; build with torch.device('meta') instead")
+    return device

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from .errors import ArgumentError, ConfigError, UnsupportedQuantizationError
+from .caller import warn_user
+from .errors import ArgumentError, ConfigError, PluginError, UnsupportedQuantizationError
 
 #: ``quant_method`` spellings of bitsandbytes (transformers writes "bitsandbytes").
 BNB_METHODS = ("bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit")
@@ -115,6 +115,96 @@ class BitsAndBytesConfig:
         return out
 
 
+@dataclass(frozen=True)
+class QuantizationState:
+    """What a quantized model is: returned by its quantizer's ``finalize``, kept as ``model.quantization_state``.
+
+    The transformers-facing attributes of a model (``is_quantized``, ``is_loaded_in_4bit``,
+    ``is_loaded_in_8bit``, ``quantization_method``, ``quantization_config``, ``hf_quantizer``)
+    are read-only views of it (:class:`QuantizedModelAttributes`).
+    """
+
+    #: The ``quant_method`` (transformers' ``model.quantization_method``): ``"bitsandbytes"``, ``"fp8"``, ...
+    method: str
+    #: The quantization settings (``model.quantization_config``): a :class:`BitsAndBytesConfig`, or the
+    #: plugin's own object or dict.
+    settings: Any
+    #: Bits per stored weight (4, 8) where the method has one number; ``None`` otherwise.
+    bits: int | None = None
+    #: Whether the weights came stored quantized from the checkpoint (not quantized while loading).
+    pre_quantized: bool = False
+    #: Whether adapters (peft) may be trained on top (transformers' ``hf_quantizer.is_trainable``).
+    trainable: bool = True
+
+    # transformers' HfQuantizer names that Trainer reads on ``model.hf_quantizer``.
+    @property
+    def quantization_config(self) -> Any:
+        return self.settings
+
+    @property
+    def is_trainable(self) -> bool:
+        return self.trainable
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+
+def _derived(name: str, doc: str, get: Any) -> property:
+    def refuse(self: Any, value: Any) -> None:
+        raise AttributeError(
+            f"{name} is read-only on lmport models: it follows model.quantization_state, which the loader sets from "
+            "the quantizer's finalize() (a QuantizationState, or None)"
+        )
+
+    return property(lambda self: get(self.quantization_state), refuse, doc=doc)
+
+
+class QuantizedModelAttributes:
+    """transformers' names for a model's quantization, derived from :attr:`quantization_state` (read-only)."""
+
+    #: What the model's quantizer said of it (:class:`QuantizationState`); ``None``: not quantized.
+    quantization_state: QuantizationState | None = None
+
+    is_quantized = _derived("is_quantized", "Whether the model is quantized.", lambda s: s is not None)
+    is_loaded_in_4bit = _derived(
+        "is_loaded_in_4bit", "A bitsandbytes 4-bit model.", lambda s: _bnb_bits(s) == 4
+    )
+    is_loaded_in_8bit = _derived(
+        "is_loaded_in_8bit", "A bitsandbytes 8-bit model.", lambda s: _bnb_bits(s) == 8
+    )
+    quantization_method = _derived(
+        "quantization_method", "The ``quant_method`` (``None``: not quantized).", lambda s: s and s.method
+    )
+    quantization_config = _derived(
+        "quantization_config", "The quantization settings (``None``: not quantized).", lambda s: s and s.settings
+    )
+    hf_quantizer = _derived(
+        "hf_quantizer",
+        "What transformers' Trainer reads of a quantizer (``quantization_config``, ``is_trainable``): the state.",
+        lambda s: s,
+    )
+
+
+def _bnb_bits(state: QuantizationState | None) -> int | None:
+    return state.bits if state is not None and state.method == BitsAndBytesConfig.quant_method else None
+
+
+def finish_quantization(quantizer: Quantizer, model: nn.Module) -> QuantizationState | None:
+    """``quantizer.finalize(model)``, checked: the state to store as ``model.quantization_state``.
+
+    Raises:
+        PluginError: ``finalize`` returned something other than a :class:`QuantizationState` or ``None``.
+    """
+    state = quantizer.finalize(model)
+    if state is not None and not isinstance(state, QuantizationState):
+        raise PluginError(
+            f"quantizer {type(quantizer).__module__}.{type(quantizer).__qualname__}: finalize() returned "
+            f"{type(state).__name__}, not an lmport.quantization.QuantizationState or None"
+        )
+    return state
+
+
 @runtime_checkable
 class Quantizer(Protocol):
     """What a ``lmport_quantizer`` hook returns: a plan applied while loading, tensor by tensor."""
@@ -131,8 +221,14 @@ class Quantizer(Protocol):
         """Quantize ``tensor`` onto ``device`` and assign it as ``module_name``."""
         ...
 
-    def finalize(self, model: nn.Module) -> None:
-        """Mark the loaded model (``is_loaded_in_4bit`` …) once every tensor is in place."""
+    def finalize(self, model: nn.Module) -> QuantizationState | None:
+        """Say what the loaded model is, once every tensor is in place.
+
+        Returns:
+            The model's :class:`QuantizationState` (the loader stores it as
+            ``model.quantization_state``), or ``None`` when the model ends up unquantized
+            (a plugin that dequantizes stored weights). Never set attributes on the model.
+        """
         ...
 
 
@@ -251,11 +347,9 @@ def resolve_quantization(argument: Any, config: Any, source: str) -> tuple[Any, 
                 f"is already quantized with quant_method {method!r}; stored quantized weights are never quantized "
                 "again. Drop the quantization_config argument (or load an unquantized checkpoint to quantize it)."
             )
-        warnings.warn(
+        warn_user(
             f"from_pretrained: the checkpoint is already quantized ({source} has a quantization_config, quant_method "
-            f"{method!r}); that quantization_config is used and the one passed to from_pretrained is ignored.",
-            UserWarning,
-            stacklevel=4,
+            f"{method!r}); that quantization_config is used and the one passed to from_pretrained is ignored."
         )
     return settings, True, method
 

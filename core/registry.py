@@ -1,9 +1,10 @@
 """The plugin manager: builtins, entry points (architectures loaded lazily), run-time registration.
 
-Whatever builds, loads or saves a model asks the registry for the architecture of its
-``model_type`` first (:meth:`Registry.ensure`, :meth:`Registry.model_class_for`,
-:meth:`Registry.weight_map_for`), so the hooks of a lazily loaded architecture plugin always
-take part, whichever way the model was made.
+The registry owns lazy loading: whatever builds, loads or saves a model makes it load the
+architecture of its ``model_type`` first (:meth:`Registry.ensure`; :mod:`lmport.hooks` does so
+before asking any architecture hook), so the hooks of a lazily loaded architecture plugin always
+take part, whichever way the model was made. Every plugin it registers is checked with pluggy's
+``check_pending()`` (:meth:`Registry._register_checked`). Only :mod:`lmport.hooks` calls the hooks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import importlib_metadata
 import pluggy
@@ -23,10 +24,6 @@ import pluggy
 from . import hookspecs
 from .errors import ArgumentError, PluginConflictError, PluginError, PluginImportError, UnknownModelTypeError
 from .hookspecs import PROJECT_NAME, hookimpl
-
-if TYPE_CHECKING:
-    from .config import PretrainedConfig
-    from .weights import WeightMap
 
 logger = logging.getLogger("lmport")
 
@@ -206,9 +203,9 @@ class Registry:
     def ensure(self, model_type: str, choose: str | None = None, *, model_class: type | None = None) -> Any | None:
         """Make sure the hooks of the plugin serving ``model_type`` take part; return that plugin.
 
-        Every path that builds, loads or saves a model calls this (or :meth:`model_class_for` /
-        :meth:`weight_map_for`) before asking a hook about ``model_type``: the architecture's
-        entry point is loaded lazily, so until then its hooks are not registered.
+        Every path that builds, loads or saves a model calls this (through :mod:`lmport.hooks`)
+        before asking a hook about ``model_type``: the architecture's entry point is loaded
+        lazily, so until then its hooks are not registered.
 
         Returns:
             The plugin, or ``None`` when no installed or registered plugin provides
@@ -225,35 +222,14 @@ class Registry:
                 raise  # an explicit choice is honoured or refused, never silently replaced
             return None
 
-    def model_class_for(self, config: PretrainedConfig, choose: str | None = None) -> type:
-        """The model class implementing ``config``, its architecture loaded first (``choose`` as in
-        :meth:`architecture`); raises :class:`UnknownModelTypeError` or :class:`PluginError` when none does."""
-        provider = self.ensure(config.model_type, choose)
-        model_class = self.hook.lmport_resolve_model_class(config=config)
-        if model_class is None:
-            if provider is None:
-                raise self.unknown(config.model_type)
-            raise PluginError(
-                f"no plugin resolves a model class for {type(config).__name__} ({config.model_type!r}; "
-                f"provided by {self.provider(config.model_type)!r})"
-            )
-        return model_class
-
-    def weight_map_for(self, config: PretrainedConfig, model_class: type) -> WeightMap:
-        """The weight map between ``model_class``'s modules and the checkpoint layout of ``config``.
-
-        The architecture of ``config.model_type`` is loaded first, so a ``weight_mapping`` hook it
-        implements answers whether the model came from ``from_pretrained``, ``from_config`` or
-        its class; a model whose ``model_type`` no plugin provides gets ``model_class.weight_map``.
-        """
-        self.ensure(config.model_type, model_class=model_class)
-        weight_map = self.hook.lmport_weight_mapping(config=config, model_class=model_class)
-        if weight_map is None:
-            raise PluginError(
-                f"no weight map for {model_class.__name__} ({config.model_type!r}): no plugin answered the "
-                "weight_mapping hook and the class has no weight_map attribute"
-            )
-        return weight_map
+    def load_all(self) -> None:
+        """Load every installed architecture plugin (for questions no ``model_type`` answers, such as which
+        plugin reads a GGUF name); one that fails to load is logged and skipped, never hiding the others."""
+        for model_type in self.model_types():
+            try:
+                self.ensure(model_type)
+            except PluginError as exc:
+                logger.warning("%s", exc)
 
     def choice(self, model_type: str, choose: str | None = None) -> str | None:
         """The distribution explicitly chosen for ``model_type``: ``choose``, else the :data:`CHOICE_ENV` setting."""
@@ -359,12 +335,6 @@ class Registry:
                     self._runtime.pop(model_type, None)
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-
-    def kernel_names(self) -> list[str]:
-        names: list[str] = []
-        for group in self.hook.lmport_attention_kernels():
-            names.extend(n for n in group if n not in names)
-        return names
 
 
 _registry: Registry | None = None

@@ -1,4 +1,7 @@
-"""``save_pretrained``: module tensors → weight map backwards → (sharded) safetensors + ``config.json``.
+"""``save_pretrained``: module tensors → weight map backwards → (sharded) weight files + ``config.json``.
+
+The weight files are written by the format :func:`lmport.formats.writer` chooses (safetensors, or
+PyTorch ``.bin`` with ``safe_serialization=False``), under its names.
 
 The files are written into a fresh folder that replaces the target whole (:mod:`lmport.atomic`):
 readers and crashes see the previous checkpoint or the new one, never a mix, and no weight
@@ -10,7 +13,6 @@ one. With ``push_to_hub=True`` what the save wrote is then uploaded (:mod:`lmpor
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Callable
@@ -18,14 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
+from . import formats
 from .atomic import replace_folder
 from .config import CONFIG_NAME
 from .errors import ArgumentError, UnsupportedFeatureError
 from .generation_config import GENERATION_CONFIG_NAME
 from .hub_upload import CREATE_REPO_ARGS, UPLOAD_ARGS, HubUpload, default_commit_message, split_hub_kwargs
-from .shards import add_variant
 
 if TYPE_CHECKING:
     from .modeling.base import PreTrainedCausalLM
@@ -63,17 +64,12 @@ def _shard(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch
 def checkpoint_files(variant: str | None) -> Callable[[str], bool]:
     """Whether a file name belongs to the checkpoint a save of ``variant`` replaces.
 
-    That is weights of either format, single or sharded with any shard count, their index
-    files, ``config.json`` and ``generation_config.json``: a folder never keeps weights of an
-    earlier save that a load could prefer. Other variants' weights and every other file stay.
+    That is weights of every registered format (:mod:`lmport.formats`), single or sharded
+    with any shard count, their index files, ``config.json`` and ``generation_config.json``:
+    a folder never keeps weights of an earlier save that a load could prefer. Other
+    variants' weights and every other file stay.
     """
-    v = re.escape(f".{variant}") if variant else ""
-    shard = r"(?:-\d{5}-of-\d{5})?"
-    pattern = re.compile(
-        rf"model{v}{shard}\.safetensors|pytorch_model{v}{shard}\.bin|model\.safetensors\.index{v}\.json"
-        rf"|pytorch_model\.bin\.index{v}\.json|{re.escape(CONFIG_NAME)}|{re.escape(GENERATION_CONFIG_NAME)}"
-    )
-    return lambda name: pattern.fullmatch(name) is not None
+    return formats.checkpoint_files(variant, also=(CONFIG_NAME, GENERATION_CONFIG_NAME))
 
 
 def save_model(
@@ -94,12 +90,13 @@ def save_model(
     **hub_kwargs: Any,
 ) -> Path:
     """Write ``model`` to ``folder`` (see :meth:`PreTrainedCausalLM.save_pretrained`)."""
-    from .registry import get_registry
+    from .hooks import weight_map_for
 
     limit = parse_size(max_shard_size)
-    if getattr(model, "is_quantized", False):
+    quantized = model.quantization_state
+    if quantized is not None:
         raise UnsupportedFeatureError(
-            f"save_pretrained: {type(model).__name__} is quantized ({model.quantization_method}); saving quantized "
+            f"save_pretrained: {type(model).__name__} is quantized ({quantized.method}); saving quantized "
             "weights is not supported. Save the peft adapter (peft_model.save_pretrained), or load the base "
             "model unquantized, merge, and save that."
         )
@@ -132,6 +129,17 @@ def save_model(
             f"save_pretrained got unexpected argument(s) {sorted(hub_kwargs)}"
             + (" (hub arguments need push_to_hub=True)" if hub_only else "")
         )
+    from .distributed.save import is_sharded, save_model_sharded
+
+    if is_sharded(model, state_dict):  # DTensor shards: every rank takes part in the gathers, rank 0 writes
+        if push_to_hub:
+            raise UnsupportedFeatureError(
+                "save_pretrained(push_to_hub=True) of a sharded (distributed) model is not supported: save it, then "
+                "upload the folder from rank 0 (huggingface_hub's upload_folder)"
+            )
+        save_model_sharded(model, folder, state_dict, limit=limit, variant=variant,
+                           safe_serialization=safe_serialization, save_function=save_function)  # fmt: skip
+        return folder
     if not is_main_process:
         return folder
     if folder.exists() and not folder.is_dir():
@@ -141,7 +149,7 @@ def save_model(
         repo_id = upload_args.pop("repo_id", None) or folder.resolve().name
         upload = HubUpload(repo_id, token=token, create_repo_kwargs=create_args)
 
-    weight_map = get_registry().weight_map_for(model.config, type(model))  # the architecture's, however built
+    weight_map = weight_map_for(model.config, type(model))  # the architecture's, however built
     tied = model.tied_parameter_names()
     if state_dict is None:
         state_dict = dict(model.named_checkpoint_tensors())
@@ -149,34 +157,12 @@ def save_model(
         state_dict = {k: v for k, v in state_dict.items() if k not in tied}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weight_map.to_checkpoint(state_dict).items()}
 
-    single, index_name = (
-        ("model.safetensors", "model.safetensors.index.json")
-        if safe_serialization
-        else ("pytorch_model.bin", "pytorch_model.bin.index.json")
-    )
-    single, index_name = add_variant(single, variant), add_variant(index_name, variant)
-    stem, ext = single.rsplit(".", 1)
+    writer = formats.writer(safe_serialization)
     shards = _shard(tensors, limit)
-
-    def write_shard(path: Path, shard: dict[str, torch.Tensor]) -> None:
-        if safe_serialization:
-            save_file(shard, str(path), metadata={"format": "pt"})
-        else:
-            (save_function or torch.save)(shard, str(path))
 
     def write(staging: Path) -> None:
         # Into a fresh folder that replace_folder then swaps in whole (see lmport.atomic).
-        if len(shards) == 1:
-            write_shard(staging / single, shards[0])
-        else:
-            weight_index: dict[str, str] = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-                write_shard(staging / name, shard)
-                weight_index.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_index.items()))}
-            (staging / index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        writer.save(shards, staging, variant, save_function=save_function)
         model.config.save_pretrained(staging)
         save_generation_config(model, staging)
 
@@ -188,7 +174,7 @@ def save_model(
             folder,
             written,
             commit_message=upload_args.pop("commit_message", None) or default_commit_message(model),
-            tags=getattr(model, "model_tags", None),
+            tags=model.model_tags,
             **upload_args,
         )
     return folder

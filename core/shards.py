@@ -1,4 +1,4 @@
-"""Finding a checkpoint's weight files: single files, sharded indexes, variants, path safety.
+"""Checkpoint files: shard indexes, variant names, path safety (which files a format reads: :mod:`lmport.formats`).
 
 Symlink policy
 --------------
@@ -32,7 +32,6 @@ import errno
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,39 +221,3 @@ def read_index(index_path: Path) -> dict[str, Path]:
             checked[shard] = path
         resolved[name] = checked[shard]
     return resolved
-
-
-@dataclass(frozen=True)
-class WeightFiles:
-    """One format's files in a checkpoint folder."""
-
-    #: The files in reading order (shards sorted by name).
-    files: list[Path]
-    #: The index file, for a sharded checkpoint.
-    index: Path | None = None
-    #: Tensor name → shard, as the index lists them (sharded checkpoints only).
-    weight_map: dict[str, Path] | None = None
-
-
-def find_weights(folder: Path, single: str, index: str, variant: str | None) -> WeightFiles:
-    """The files of one format in ``folder`` (an empty list when it has none), symlink policy applied.
-
-    The single file wins over an index when both are there, as transformers chooses.
-    """
-    single_path = folder / add_variant(single, variant)
-    if checked_file(folder, single_path) is not None:
-        return WeightFiles([single_path])
-    index_path = folder / add_variant(index, variant)
-    if checked_file(folder, index_path) is not None:
-        shards = read_index(index_path)
-        return WeightFiles(sorted(set(shards.values())), index_path, shards)
-    return WeightFiles([])
-
-
-def find_weight_files(folder: Path, single: str, index: str, variant: str | None) -> tuple[list[Path], Path | None]:
-    """The files of one format in ``folder``: (files in reading order, index path or None).
-
-    Returns ``([], None)`` when the format has no files there.
-    """
-    found = find_weights(folder, single, index, variant)
-    return found.files, found.index

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import nn
@@ -18,9 +18,10 @@ SIZE_SLACK_RATIO = 1.25
 SIZE_SLACK_ELEMENTS = 1 << 24
 
 
-def model_elements(model: nn.Module) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
-    """Elements of ``model``'s checkpoint tensors (tied copies counted once), and the largest three."""
-    tied = model.tied_parameter_names() if hasattr(model, "tied_parameter_names") else set()
+def model_elements(
+    model: nn.Module, tied: Collection[str] = frozenset()
+) -> tuple[int, list[tuple[str, tuple[int, ...]]]]:
+    """Elements of ``model``'s checkpoint tensors (``tied`` copies counted once), and the largest three."""
     shapes = [(name, tuple(t.shape)) for name, t in model.state_dict(keep_vars=True).items() if name not in tied]
     largest = sorted(shapes, key=lambda item: math.prod(item[1]), reverse=True)[:3]
     return sum(math.prod(shape) for _, shape in shapes), largest
@@ -43,7 +44,7 @@ def checkpoint_capacity(infos: Iterable[TensorInfo]) -> int:
 
 
 def check_size_against_checkpoint(
-    model: nn.Module, infos: list[TensorInfo], dtype: torch.dtype, *, origin: str
+    model: nn.Module, infos: list[TensorInfo], dtype: torch.dtype, *, origin: str, tied: Collection[str] = frozenset()
 ) -> None:
     """Refuse a model (built on the meta device) far larger than the checkpoint's tensors could fill.
 
@@ -52,13 +53,14 @@ def check_size_against_checkpoint(
         infos: the checkpoint's tensors, as listed by the weight source.
         dtype: the dtype the model would be materialised in (for the message).
         origin: what described the model, for the message (``.../config.json``).
+        tied: names of tensors tied to another (counted once).
 
     Raises:
         ModelSizeError: (a ``ConfigError`` and a ``ShapeMismatchError``) the model has more
             than :data:`SIZE_SLACK_RATIO` times the elements the checkpoint holds, plus
             :data:`SIZE_SLACK_ELEMENTS`.
     """
-    wanted, largest = model_elements(model)
+    wanted, largest = model_elements(model, tied)
     capacity = checkpoint_capacity(infos)
     if wanted <= capacity * SIZE_SLACK_RATIO + SIZE_SLACK_ELEMENTS:
         return

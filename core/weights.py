@@ -1,7 +1,7 @@
 """Weight streams and weight maps.
 
-A :class:`WeightSource` is what a format plugin returns from ``open_weights``: it
-lists the checkpoint's tensor names with their shapes and reads one tensor at a
+A :class:`WeightSource` is what a weight format opens (:class:`lmport.formats.WeightFormat`,
+``open_weights``): it lists the checkpoint's tensor names with their shapes and reads one tensor at a
 time. A :class:`WeightMap` is plain data on a model class: the rules between the
 checkpoint's names and layouts and the module's, run forward on load and
 backward on save.
@@ -74,6 +74,60 @@ class CastingWeightSource(WeightSource, Protocol):
         pages would stay counted in the process's RSS for as long as the file is mapped.
         """
         ...
+
+
+@runtime_checkable
+class SlicingWeightSource(WeightSource, Protocol):
+    """A :class:`WeightSource` that reads part of a tensor: only the bytes of a box of its elements.
+
+    A distributed load (:mod:`lmport.distributed`) asks each rank's source for the boxes of the
+    shards that rank owns; a source without this method is read whole, once per tensor, and sliced.
+    """
+
+    def read_slice(
+        self,
+        info: TensorInfo,
+        index: tuple[slice, ...],
+        dtype: torch.dtype | None,
+        *,
+        out: torch.Tensor | None = None,
+        mapped: bool = False,
+    ) -> torch.Tensor:
+        """Read the elements of ``info`` in ``index`` (one ``slice(start, stop)`` per dim, step 1).
+
+        Returns the box as a C-contiguous CPU tensor (its shape the slices' lengths), floating tensors
+        cast to ``dtype`` (``None``: as stored); written into ``out`` (contiguous, that shape and dtype)
+        when given. Only the box's bytes are read from the file. With ``mapped=True`` (no ``out``, no
+        cast) the source may return a writable, copy-on-write view of a file mapping instead (zero-copy;
+        pages are read when touched): the caller keeps it as the tensor's storage.
+        """
+        ...
+
+
+def box_runs(shape: Sequence[int], index: Sequence[slice]) -> tuple[list[int], int]:
+    """The contiguous runs of a box ``index`` of a C-contiguous tensor of ``shape``: (start element of
+    each run, in C order of the box; elements per run). Runs are as long as the layout allows."""
+    n = len(shape)
+    bounds = [(s.start or 0, shape[d] if s.stop is None else s.stop) for d, s in enumerate(index)]
+    k = n - 1
+    while k >= 0 and bounds[k] == (0, shape[k]):
+        k -= 1
+    if k < 0:
+        total = 1
+        for d in shape:
+            total *= d
+        return [0], total
+    inner = 1
+    for d in shape[k + 1 :]:
+        inner *= d
+    starts = torch.tensor([bounds[k][0] * inner], dtype=torch.int64)
+    stride = inner * shape[k]
+    for d in range(k - 1, -1, -1):
+        lo, hi = bounds[d]
+        starts = (torch.arange(lo, hi, dtype=torch.int64) * stride).unsqueeze(1) + starts.unsqueeze(0)
+        starts = starts.reshape(-1)
+        stride *= shape[d]
+    return starts.tolist(), (bounds[k][1] - bounds[k][0]) * inner
 
 
 #: The floating dtypes lmport computes in. A floating parameter loads only from a tensor of one of
@@ -354,6 +408,7 @@ def dtype_bytes(infos: Iterable[TensorInfo]) -> dict[str, int]:
 __all__ = [
     "IDENTITY",
     "Rename",
+    "SlicingWeightSource",
     "Split",
     "TensorInfo",
     "Transpose",
@@ -361,6 +416,7 @@ __all__ = [
     "WeightMap",
     "WeightSource",
     "check_loadable",
+    "box_runs",
     "check_unique",
     "dtype_bytes",
     "match",

@@ -24,7 +24,7 @@ from torch import nn
 from lmport.config import PretrainedConfig
 from lmport.errors import CorruptWeightsError, ShapeMismatchError, UnsupportedFeatureError, UnsupportedQuantizationError
 from lmport.hookspecs import hookimpl
-from lmport.quantization import BitsAndBytesConfig
+from lmport.quantization import BitsAndBytesConfig, QuantizationState
 
 #: Keys of a stored 4-bit weight's statistics, after ``<module>.weight.``.
 STORED_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
@@ -268,12 +268,14 @@ class BitsAndBytesQuantizer:
             ).to(device)
             start += count
 
-    def finalize(self, model: nn.Module) -> None:
-        model.is_quantized = True
-        model.is_loaded_in_4bit = self.settings.load_in_4bit
-        model.is_loaded_in_8bit = self.settings.load_in_8bit
-        model.quantization_method = "bitsandbytes"
-        model.quantization_config = self.settings  # pre-quantized: model.config keeps config.json's own too
+    def finalize(self, model: nn.Module) -> QuantizationState:
+        # pre-quantized: model.config keeps config.json's own quantization_config too
+        return QuantizationState(
+            method=BitsAndBytesConfig.quant_method,
+            settings=self.settings,
+            bits=4 if self.settings.load_in_4bit else 8,
+            pre_quantized=self.pre_quantized,
+        )
 
 
 def _check_4bit_state(

@@ -10,11 +10,12 @@ A load fetches only what it needs, all at one commit:
 1. the revision (branch, tag, or ``main``) is resolved to one commit hash first;
 2. ``config.json`` (in ``subfolder`` if given);
 3. ``generation_config.json`` when the repository has one;
-4. one weight format, chosen as the local format plugins choose: safetensors first
-   (unless ``use_safetensors=False``), then ``pytorch_model.bin`` (unless
-   ``use_safetensors=True``); for a format, its single file if the repository has one (as
-   transformers prefers it), else its index file and only the shards it lists; ``variant`` names
-   ``model.<variant>.safetensors`` and so on. The other format is never requested.
+4. one weight format, chosen as a local load chooses (:mod:`lmport.formats`: the registered
+   formats, most preferred first, as ``use_safetensors`` and ``variant`` allow): for a format,
+   its single file if the repository has one (as transformers prefers it), else its index
+   file and only the shards it lists. No other format is requested.
+
+With ``gguf_file=``, steps 2 and 4 fetch that one GGUF file instead: it holds the config and the weights.
 
 Offline (``local_files_only=True``, or ``HF_HUB_OFFLINE=1``) the same choice is made
 from the cache alone and no request is sent. Failures raise
@@ -45,20 +46,17 @@ from lmport.errors import (
     RepoNotFoundError,
     RevisionNotFoundError,
     SourceError,
+    UnsafePathError,
     UnsupportedFeatureError,
     WeightsNotFoundError,
 )
+from lmport.formats import candidates, looked_for, weight_extensions
 from lmport.hookspecs import hookimpl
-from lmport.options import SourceOptions
-from lmport.shards import add_variant, read_weight_map, resolve_inside
+from lmport.options import LoadOptions, SourceOptions
+from lmport.shards import read_weight_map, resolve_inside
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-#: Weight formats in order of preference: (use_safetensors value that excludes it, index name, single name).
-_FORMATS = (
-    (False, "model.safetensors.index.json", "model.safetensors"),
-    (True, "pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
 _TRUE = {"1", "ON", "YES", "TRUE"}
 #: Errors whose message already shows the name was taken as a repo id (no "not a local folder" note needed).
 _NAME_IS_CLEAR = (RepoNotFoundError, RevisionNotFoundError, ArgumentError)
@@ -155,17 +153,27 @@ class HubFetch:
             )
             self.commit = str(self.revision.resolved)
             listing = None if self.offline else self.list_files()
-            if listing is not None and self.full(CONFIG_NAME) not in listing:
-                self.missing(CONFIG_NAME, listing)
-            config_path = self.download(CONFIG_NAME)
-            folder = config_path.parent
-            if self.options.config_only:
-                return folder
-            index, single = self.choose_weights(listing)
-            if index is not None:
-                self.fetch_shards(folder, self.download(index), listing)
-            elif single is not None:
-                self.download(single)
+            gguf = self.options.gguf_file
+            if gguf is not None:  # a GGUF file is the config and the weights: nothing else is fetched
+                if not gguf or os.path.isabs(gguf) or "\\" in gguf or ".." in gguf.split("/"):
+                    raise UnsafePathError(f"gguf_file={gguf!r}: must name a file inside the repository (a relative name)")
+                if listing is not None and self.full(gguf) not in listing:
+                    self.missing(gguf, listing)
+                folder = self.download(gguf)
+                for _ in Path(gguf).parts:
+                    folder = folder.parent
+            else:
+                if listing is not None and self.full(CONFIG_NAME) not in listing:
+                    self.missing(CONFIG_NAME, listing)
+                config_path = self.download(CONFIG_NAME)
+                folder = config_path.parent
+                if self.options.config_only:
+                    return folder
+                index, single = self.choose_weights(listing)
+                if index is not None:
+                    self.fetch_shards(folder, self.download(index), listing)
+                elif single is not None:
+                    self.download(single)
             exists = (lambda n: self.full(n) in listing) if listing is not None else self.cached
             if exists(GENERATION_CONFIG_NAME):
                 self.download(GENERATION_CONFIG_NAME)
@@ -218,24 +226,21 @@ class HubFetch:
 
     def choose_weights(self, listing: set[str] | None) -> tuple[str | None, str | None]:
         """(index, None) or (None, single file): the one format to fetch, as the format plugins would choose."""
-        looked = []
-        for excluded_by, index, single in _FORMATS:
-            if self.options.use_safetensors is excluded_by:
-                continue
-            index, single = add_variant(index, self.options.variant), add_variant(single, self.options.variant)
-            looked += [single, index]
-            exists = (lambda n: self.full(n) in listing) if listing is not None else self.cached
-            if exists(single):  # the single file wins over an index, as transformers chooses
-                return None, single
-            if exists(index):
-                return index, None
+        choice = LoadOptions(variant=self.options.variant, use_safetensors=self.options.use_safetensors)
+        exists = (lambda n: self.full(n) in listing) if listing is not None else self.cached
+        for names in candidates(choice):
+            if names.single is not None and exists(names.single):  # the single file wins over an index
+                return None, names.single
+            if names.index is not None and exists(names.index):
+                return names.index, None
+        looked = looked_for(choice)
         where = self.where()
         if listing is None:
             raise OfflineError(
                 f"{where}: no weights in the Hugging Face cache at {self.cache_label} (looked for "
                 f"{', '.join(looked)}), and they cannot be downloaded: {self.offline_reason}. {self.offline_hint()}"
             )
-        present = sorted(f for f in listing if f.endswith((".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".gguf")))
+        present = sorted(f for f in listing if f.endswith(weight_extensions()))
         raise WeightsNotFoundError(
             f"{where}: no weight files lmport reads (looked for {', '.join(self.full(n) for n in looked)}); the "
             f"repository has {', '.join(present) if present else 'no weight files'}"

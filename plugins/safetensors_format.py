@@ -8,22 +8,20 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lmport.errors import CorruptWeightsError, UnsupportedTensorError, WeightsChangedError
+from lmport.formats import WeightFiles, WeightFormat
 from lmport.hookspecs import hookimpl
 from lmport.options import LoadOptions
-from lmport.shards import find_weights
-from lmport.weights import TensorInfo
-
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
+from lmport.weights import TensorInfo, box_runs
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -85,6 +83,8 @@ class SafetensorsSource:
         self._offsets: dict[Path, dict[str, tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        #: Private mappings that ``read_slice(mapped=True)`` views live in (closed with the last view).
+        self._mappings: dict[Path, mmap.mmap] = {}
         try:
             for path in files:
                 self._open(path)
@@ -197,18 +197,117 @@ class SafetensorsSource:
             done += n
         return out
 
+    def read_slice(
+        self,
+        info: TensorInfo,
+        index: tuple[slice, ...],
+        dtype: torch.dtype | None,
+        *,
+        out: torch.Tensor | None = None,
+        mapped: bool = False,
+    ) -> torch.Tensor:
+        """Read only the bytes of the box ``index`` of ``info`` (``pread`` per contiguous run), cast to ``dtype``
+        on the way (see :class:`~lmport.weights.SlicingWeightSource`). ``mapped``: a box that is one run and
+        needs no cast is returned as a view of a private (copy-on-write) mapping of the file instead."""
+        target = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        shape = tuple((info.shape[d] if s.stop is None else s.stop) - (s.start or 0) for d, s in enumerate(index))
+        if mapped and out is None and target == info.dtype:
+            view = self._mapped_box(info, index, shape)
+            if view is not None:
+                return view
+        if out is None:
+            out = torch.empty(shape, dtype=target)
+        elif tuple(out.shape) != shape or out.dtype != target or not out.is_contiguous():
+            raise ValueError(f"read_slice: out must be a contiguous {target} tensor of shape {shape}")
+        if out.numel() == 0:
+            return out
+        try:
+            fd, start, end = self._span(info)
+            self._check_size(info, fd, end)
+            starts, run = box_runs(info.shape, index)
+            itemsize = info.dtype.itemsize
+            flat = out.view(-1)
+            if target == info.dtype:  # straight into the result
+                buffer = flat.view(torch.uint8).numpy()
+                for i, first in enumerate(starts):
+                    self._pread(fd, buffer[i * run * itemsize : (i + 1) * run * itemsize], start + first * itemsize, info)
+                return out
+            staging = getattr(self._local, "staging", None)
+            if staging is None:
+                staging = self._local.staging = torch.empty(_CHUNK, dtype=torch.uint8)
+            per_chunk = max(1, _CHUNK // itemsize)
+            done = 0  # elements of the box landed in ``out``
+            filled = 0  # elements waiting in the staging buffer
+            for first in starts:
+                for offset in range(0, run, per_chunk):
+                    n = min(per_chunk, run - offset)
+                    if filled + n > per_chunk:
+                        flat[done : done + filled].copy_(staging[: filled * itemsize].view(info.dtype))
+                        done, filled = done + filled, 0
+                    view = staging[filled * itemsize : (filled + n) * itemsize].numpy()
+                    self._pread(fd, view, start + (first + offset) * itemsize, info)
+                    filled += n
+            flat[done : done + filled].copy_(staging[: filled * itemsize].view(info.dtype))
+            return out
+        except (SafetensorError, OSError) as exc:
+            raise CorruptWeightsError(f"{info.file}: cannot read tensor {info.name!r}: {exc}") from exc
+
+    def _mapped_box(self, info: TensorInfo, index: tuple[slice, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        """``index`` of ``info`` as a view of the file's private mapping, if its bytes are one run."""
+        starts, run = box_runs(info.shape, index)
+        if len(starts) != 1 or run == 0:
+            return None
+        fd, start, end = self._span(info)
+        self._check_size(info, fd, end)  # a mapped page past the end of a truncated file would kill the process
+        with self._lock:
+            mapping = self._mappings.get(info.file)
+            if mapping is None:  # writable but private: in-place updates (an optimizer step) copy the page
+                mapping = self._mappings[info.file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        offset = start + starts[0] * info.dtype.itemsize
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=run * info.dtype.itemsize, offset=offset)
+        return raw.view(info.dtype).view(shape)
+
+    @staticmethod
+    def _pread(fd: int, buffer: Any, offset: int, info: TensorInfo) -> None:
+        done, size = 0, len(buffer)
+        while done < size:
+            n = os.preadv(fd, [buffer[done:]], offset + done)
+            if n <= 0:
+                raise WeightsChangedError(f"{info.file}: tensor {info.name!r} ends past the end of the file")
+            done += n
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._mappings.clear()  # each mapping lives on while a tensor views it
         self._stack.close()
 
 
+class SafetensorsFormat(WeightFormat):
+    """``model.safetensors`` or ``model.safetensors.index.json`` and its shards; preferred, and the default writer."""
+
+    name = "safetensors"
+    extension = "safetensors"
+    single = "model.safetensors"
+    index = "model.safetensors.index.json"
+    safetensors = True
+    preference = 200
+    writable = True
+
+    def open(self, found: WeightFiles, options: LoadOptions) -> SafetensorsSource:
+        return SafetensorsSource(found.files, found.index, found.weight_map)
+
+    def write(
+        self,
+        tensors: dict[str, torch.Tensor],
+        path: Path,
+        *,
+        save_function: Callable[[Any, str], Any] | None = None,
+    ) -> None:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
 @hookimpl
-def lmport_open_weights(folder: Path, options: LoadOptions) -> SafetensorsSource | None:
-    if options.use_safetensors is False:
-        return None
-    found = find_weights(folder, SINGLE, INDEX, options.variant)
-    if not found.files:
-        return None
-    return SafetensorsSource(found.files, found.index, found.weight_map)
+def lmport_weight_formats() -> list[WeightFormat]:
+    return [SafetensorsFormat()]

@@ -6,19 +6,17 @@ import io
 import pickle
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmport.errors import CorruptWeightsError, UnsafePickleError, UnsupportedTensorError, WeightsChangedError
+from lmport.formats import WeightFiles, WeightFormat
 from lmport.hookspecs import hookimpl
 from lmport.options import LoadOptions
-from lmport.shards import find_weights
 from lmport.weights import TensorInfo
-
-SINGLE = "pytorch_model.bin"
-INDEX = "pytorch_model.bin.index.json"
 
 
 #: Substrings of ``torch.load(weights_only=True)`` refusals of objects that are not plain tensors,
@@ -225,11 +223,30 @@ class TorchBinSource:
         self._current = None
 
 
+class TorchBinFormat(WeightFormat):
+    """``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` and its shards; written with
+    ``save_pretrained(safe_serialization=False)``."""
+
+    name = "pytorch-bin"
+    extension = "bin"
+    single = "pytorch_model.bin"
+    index = "pytorch_model.bin.index.json"
+    preference = 100
+    writable = True
+
+    def open(self, found: WeightFiles, options: LoadOptions) -> TorchBinSource:
+        return TorchBinSource(found.files, found.index, found.weight_map)
+
+    def write(
+        self,
+        tensors: dict[str, torch.Tensor],
+        path: Path,
+        *,
+        save_function: Callable[[Any, str], Any] | None = None,
+    ) -> None:
+        (save_function or torch.save)(tensors, str(path))
+
+
 @hookimpl
-def lmport_open_weights(folder: Path, options: LoadOptions) -> TorchBinSource | None:
-    if options.use_safetensors is True:
-        return None
-    found = find_weights(folder, SINGLE, INDEX, options.variant)
-    if not found.files:
-        return None
-    return TorchBinSource(found.files, found.index, found.weight_map)
+def lmport_weight_formats() -> list[WeightFormat]:
+    return [TorchBinFormat()]

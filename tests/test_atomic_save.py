@@ -61,7 +61,7 @@ EXTRAS = ("README.md", "training_args.bin", "sub/notes.txt", "tokenizer.json", "
 def _instrument(mode: str, kill_after: int | None) -> list[int]:
     """In the forked child: count file operations, SIGKILL after the ``kill_after``-th; pick the swap mode."""
     import lmport.atomic as atomic
-    import lmport.saving as saving
+    import lmport.plugins.safetensors_format as safetensors_format
 
     count = [0]
 
@@ -92,7 +92,7 @@ def _instrument(mode: str, kill_after: int | None) -> list[int]:
         return fd
 
     os.open = os_open  # type: ignore[assignment]
-    saving.save_file = counted(saving.save_file)  # a whole safetensors shard
+    safetensors_format.save_file = counted(safetensors_format.save_file)  # a whole safetensors shard
     torch.save = counted(torch.save)  # a whole .bin shard
     if mode == "rename":
         atomic._exchange = lambda a, b: False  # type: ignore[assignment]  # as where renameat2 is missing

@@ -61,7 +61,7 @@ import lmport
 from lmport import AttentionKernelError, AttentionMask
 from lmport.cache import KVCache
 from lmport.cli import main as cli_main
-from lmport.loading import select_attention
+from lmport.hooks import kernel_names, select_attention
 from lmport.plugins import flash_attention
 from lmport.plugins.attention import KERNELS as BUILTIN_KERNELS
 from lmport.registry import PLUGINS_GROUP, get_registry
@@ -533,7 +533,7 @@ def test_lmport_plugins_lists_the_kernel(refkernel_site: Path, capsys: pytest.Ca
     listed = json.loads(capsys.readouterr().out)["plugins"]
     assert {"group": PLUGINS_GROUP, "name": REF, "value": "lmport_refkernel", "distribution": REF_DIST,
             "version": "0.3.0"} in listed  # fmt: skip
-    assert REF in get_registry().kernel_names()
+    assert REF in kernel_names()
 
 
 def test_config_json_cannot_name_a_kernel_that_is_not_installed(

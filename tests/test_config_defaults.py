@@ -8,6 +8,7 @@ config class declares transformers' defaults for its architecture.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import pytest
 
 import lmport
-from lmport.errors import ConfigError
-from lmport.modeling import RopeDecoderConfig
+from lmport.errors import ArgumentError, ConfigError
+from lmport.modeling import RMSNorm, RopeDecoderConfig
 
 from conftest import TINY_GPT2, TINY_LLAMA, WINDOW
 
@@ -151,3 +152,60 @@ def test_core_configs_have_no_architecture_defaults() -> None:
                 "rms_norm_eps": 1e-6,
             }
         )
+
+
+def test_core_building_blocks_have_no_architecture_defaults() -> None:
+    """No RoPE base and no norm epsilon in the core: a config.json without rope_theta needs the class's default."""
+    assert RopeDecoderConfig.default_theta is None
+    assert inspect.signature(RMSNorm).parameters["eps"].default is inspect.Parameter.empty
+    raw = {
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 16,
+        "rms_norm_eps": 1e-6,
+    }
+    with pytest.raises(ConfigError, match="'rope_theta' required"):
+        RopeDecoderConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match="'rope_theta' required"):
+        RopeDecoderConfig.from_dict({**raw, "rope_parameters": {"rope_type": "default"}})
+    given = RopeDecoderConfig.from_dict({**raw, "rope_theta": 500.0})
+    assert given.rope_parameters == {"rope_theta": 500.0, "rope_type": "default"}
+    assert _lmport_class("llama").default_theta == _lmport_class("mistral").default_theta == 10_000.0
+
+
+MISTRAL_WITH_LLAMA_KEYS = {"model_type": "mistral", "attention_bias": True, "pretraining_tp": 0, "mlp_bias": "no"}
+
+
+def test_mistral_config_derives_from_llama_config(tmp_path: Path) -> None:
+    """MistralConfig is a LlamaConfig with Mistral's defaults and keys: Llama's own keys are not Mistral's."""
+    llama, mistral = _lmport_class("llama"), _lmport_class("mistral")
+    assert issubclass(mistral, llama) and mistral.model_type == "mistral"
+    assert mistral.required_fields() == llama.required_fields() == frozenset()
+    for key in ("pretraining_tp", "attention_bias", "mlp_bias"):
+        assert llama.has_field(key) and not mistral.has_field(key)
+    # defaults: Mistral's where they differ from Llama's, Llama's (= transformers' Mistral's) elsewhere
+    ours, theirs = _both(tmp_path / "empty", {"model_type": "mistral"})
+    _compare(ours, theirs, sorted(set(ours) - {"architectures"}))
+    assert not {"pretraining_tp", "attention_bias", "mlp_bias"} & (set(ours) | set(theirs))
+    assert (ours["intermediate_size"], ours["num_key_value_heads"], ours["sliding_window"]) == (14336, 8, 4096)
+    # Llama's keys in a Mistral config.json are unknown keys there, as for transformers: kept, written back as they
+    # are, never checked (pretraining_tp 0 would fail Llama's check), and read as attributes
+    ours, theirs = _both(tmp_path / "llama_keys", MISTRAL_WITH_LLAMA_KEYS)
+    _compare(ours, theirs, sorted(set(ours) - {"architectures"}))
+    assert {k: ours[k] for k in MISTRAL_WITH_LLAMA_KEYS} == MISTRAL_WITH_LLAMA_KEYS
+    config = lmport.AutoConfig.from_pretrained(tmp_path / "llama_keys")
+    assert isinstance(config, mistral) and config.extra == {"attention_bias": True, "pretraining_tp": 0, "mlp_bias": "no"}
+    assert (config.attention_bias, config.pretraining_tp, config.mlp_bias) == (True, 0, "no")
+    with pytest.raises(ArgumentError, match="no field 'attention_bias'"):
+        config.update({"attention_bias": False})
+    with pytest.raises(TypeError, match="no field 'mlp_bias'"):
+        mistral(mlp_bias=True)
+    # a class's from_pretrained takes only its own model_type, a derived one's included
+    with pytest.raises(ConfigError, match="not a LlamaConfig"):
+        llama.from_pretrained(tmp_path / "empty")
+    assert type(mistral.from_pretrained(tmp_path / "empty")) is mistral
+

@@ -21,6 +21,7 @@ import torch
 from hubserver import FakeHub, folder_files, go_offline, hub  # noqa: F401  (hub: the fixture)
 
 import lmport
+import lmport.pipeline
 from lmport import errors
 
 from conftest import save_hf_llama_random
@@ -205,7 +206,7 @@ def test_subfolder_autoconfig_and_token(hub: FakeHub, ckpts: tuple[Checkpoints, 
 
     config = lmport.AutoConfig.from_pretrained("org/private", cache_dir=cache, subfolder="llm", token="hf_ok")
     assert type(config).__name__ == "LlamaConfig" and config.num_hidden_layers == 2 and config.vocab_size == 128
-    folder = lmport.loading.resolve_folder(
+    folder = lmport.pipeline.resolve_folder(
         "org/private", lmport.options.SourceOptions(cache_dir=str(cache), subfolder="llm", token="hf_ok")
     )
     assert folder == (cache / "models--org--private" / "snapshots" / commit / "llm").resolve()
@@ -262,7 +263,7 @@ def test_cache_filled_by_transformers_serves_offline_lmport(
     model = load("org/tiny", cache)
     assert_logits(model, a.expected)
     assert hub.requests == []
-    folder = lmport.loading.resolve_folder("org/tiny", lmport.options.SourceOptions(cache_dir=str(cache)))
+    folder = lmport.pipeline.resolve_folder("org/tiny", lmport.options.SourceOptions(cache_dir=str(cache)))
     assert folder == (cache / "models--org--tiny" / "snapshots" / commit).resolve()
 
 

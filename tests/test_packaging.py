@@ -48,12 +48,12 @@ def _run(args: list[str | os.PathLike[str]], timeout: float, **kwargs: object) -
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``{"lmport": wheel, "lmport-llama": wheel}`` built from a copy of the checkout."""
+    """``{"lmport": wheel, "lmport-llama": wheel, "lmport-mistral": wheel}`` built from a copy of the checkout."""
     tmp = tmp_path_factory.mktemp("packaging")
     src = tmp / "src"
     shutil.copytree(REPO, src, ignore=COPY_IGNORE, symlinks=True)
     out = tmp / "wheels"
-    for project in (src, src / "plugins_llama"):
+    for project in (src, src / "plugins_llama", src / "plugins_mistral"):
         _run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", out,
              project],
@@ -61,8 +61,13 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             cwd=tmp,
         )  # fmt: skip
     found = {p.name.split("-")[0]: p for p in out.glob("*.whl")}
-    assert set(found) == {"lmport", "lmport_llama"}, sorted(p.name for p in out.iterdir())
-    return {"lmport": found["lmport"], "lmport-llama": found["lmport_llama"], "src": src}
+    assert set(found) == {"lmport", "lmport_llama", "lmport_mistral"}, sorted(p.name for p in out.iterdir())
+    return {
+        "lmport": found["lmport"],
+        "lmport-llama": found["lmport_llama"],
+        "lmport-mistral": found["lmport_mistral"],
+        "src": src,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +164,17 @@ def test_lmport_llama_wheel_contents(wheels: dict[str, Path]) -> None:
     req = _requirements(wheels["lmport-llama"])["lmport"]
     assert req.specifier.contains("0.1.0") and not req.specifier.contains("0.2.0")
     assert "Name: lmport-llama" in _dist_file(wheels["lmport-llama"], "METADATA").splitlines()
+
+
+def test_lmport_mistral_wheel_depends_on_llama(wheels: dict[str, Path]) -> None:
+    """MistralConfig extends lmport_llama's LlamaConfig: the distribution requires lmport-llama."""
+    names = _members(wheels["lmport-mistral"])
+    assert {n.split("/", 1)[0] for n in names} == {"lmport_mistral", "lmport_mistral-0.1.0.dist-info"}
+    assert dict(_entry_points(wheels["lmport-mistral"])["lmport.architectures"]) == {"mistral": "lmport_mistral:plugin"}
+    reqs = _requirements(wheels["lmport-mistral"])
+    assert set(reqs) == {"lmport", "lmport-llama"}
+    for req in reqs.values():
+        assert req.specifier.contains("0.1.0") and not req.specifier.contains("0.2.0")
 
 
 LOAD_SCRIPT = r"""

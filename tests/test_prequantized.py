@@ -389,7 +389,7 @@ class DequantizingFp8:
         model.get_submodule(owner)._parameters[attr] = nn.Parameter(weight.to(device), requires_grad=False)
 
     def finalize(self, model: nn.Module) -> None:
-        model.is_quantized = False
+        return None  # dequantized: the model is not quantized (no QuantizationState)
 
 
 class OnLoadOnly:

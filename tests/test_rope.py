@@ -111,7 +111,7 @@ def test_frequency_update_runs_before_each_forward(tmp_path: Path) -> None:
 
 def test_longrope_by_sequence_length() -> None:
     params = standardize_rope_parameters(
-        {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [4.0, 8.0]}, None, None, 64,
+        {"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [4.0, 8.0]}, None, 10_000.0, 64,
         original_max_position_embeddings=16,
     )  # fmt: skip
     assert params["original_max_position_embeddings"] == 16

@@ -212,14 +212,14 @@ def test_unlisted_copy_in_another_shard_is_refused(ckpt: Path, fmt: str) -> None
 
 def test_shard_deleted_after_listing(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files, _ = shard(ckpt)
-    found = safetensors_format.find_weights
+    found = safetensors_format.SafetensorsFormat.find
 
     def then_delete(*args: Any, **kwargs: Any) -> Any:
         result = found(*args, **kwargs)
         files[1].unlink()
         return result
 
-    monkeypatch.setattr(safetensors_format, "find_weights", then_delete)
+    monkeypatch.setattr(safetensors_format.SafetensorsFormat, "find", then_delete)
     with pytest.raises(errors.WeightsChangedError, match=files[1].name):
         lmport.AutoModelForCausalLM.from_pretrained(ckpt)
 

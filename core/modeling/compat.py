@@ -16,13 +16,15 @@ from torch.distributions import constraints
 from torch.distributions.multivariate_normal import MultivariateNormal
 
 from ..errors import ArgumentError, UnsupportedFeatureError
+from ..quantization import QuantizedModelAttributes
 
 #: The causal-LM entries of transformers' ``LOSS_MAPPING``, searched in the class name as it does.
 _LOSS_TYPE = re.compile("ForCausalLM|ForConditionalGeneration")
 
 
-class TransformersCompat:
-    """Mixed into :class:`~lmport.modeling.base.PreTrainedCausalLM`."""
+class TransformersCompat(QuantizedModelAttributes):
+    """Mixed into :class:`~lmport.modeling.base.PreTrainedCausalLM`. Quantization attributes
+    (``is_quantized``, ``is_loaded_in_4bit``, ...): :class:`~lmport.quantization.QuantizedModelAttributes`."""
 
     config: Any
 

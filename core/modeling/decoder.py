@@ -35,8 +35,8 @@ class RopeDecoderConfig(PretrainedConfig):
     ``config.json`` both end up in :attr:`rope_parameters`, which is what is saved.
     ``head_dim`` defaults to ``hidden_size // num_attention_heads`` and
     ``num_key_value_heads`` to ``num_attention_heads``. The sizes, ``hidden_act``,
-    ``max_position_embeddings`` and ``rms_norm_eps`` have no default here: each architecture's
-    subclass gives transformers' defaults for it.
+    ``max_position_embeddings``, ``rms_norm_eps`` and :attr:`default_theta` have no default here:
+    each architecture's subclass gives transformers' defaults for it.
 
     RoPE types are those registered with :func:`~lmport.modeling.register_rope`. A subclass
     with a field ``original_max_position_embeddings`` (Phi-3) has it replace the RoPE dict's, as
@@ -49,6 +49,9 @@ class RopeDecoderConfig(PretrainedConfig):
     supports_partial_rotary: ClassVar[bool] = False
     #: ``rope_type`` spellings this architecture reads as another type (Phi-3: ``{"yarn": "longrope"}``).
     rope_type_aliases: ClassVar[dict[str, str]] = {}
+    #: The ``rope_theta`` of a ``config.json`` that gives none (transformers' ``default_theta`` of the
+    #: architecture, 10000.0 for Llama); ``None`` here: such a config fails naming the key.
+    default_theta: ClassVar[float | None] = None
 
     field_checks = {
         "intermediate_size": Size(MAX_INTERMEDIATE_SIZE),
@@ -103,7 +106,7 @@ class RopeDecoderConfig(PretrainedConfig):
     @classmethod
     def _rope_context(cls, get: Callable[[str], Any]) -> dict[str, Any]:
         """What besides the RoPE dict standardizes it: aliases, and the top-level keys this class folds in."""
-        context: dict[str, Any] = {"aliases": cls.rope_type_aliases}
+        context: dict[str, Any] = {"aliases": cls.rope_type_aliases, "default_theta": cls.default_theta}
         if cls.supports_partial_rotary:
             context["partial_rotary_factor"] = get("partial_rotary_factor")
         if cls.has_field("original_max_position_embeddings"):

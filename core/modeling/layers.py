@@ -14,7 +14,7 @@ from .rope import apply_rotary
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, scaled by a learned weight."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps

@@ -50,6 +50,11 @@ class CausalLMOutput(ModelOutput):
 
     fields = ("loss", "logits", "past_key_values", "hidden_states", "attentions")
 
+    @property
+    def logits_materialized(self) -> bool:
+        """Whether ``logits`` were computed: ``False`` when the loss was taken chunk by chunk without them."""
+        return "logits" in self
+
 
 class BaseModelOutput(ModelOutput):
     """What a decoder stack's forward returns."""

@@ -239,9 +239,9 @@ def assert_grads_close(
 
 def checkpoint_weight_map(model: Any) -> Any:
     """The :class:`~lmport.WeightMap` that ``model``'s architecture saves it with."""
-    from ..registry import get_registry
+    from ..hooks import weight_map_for
 
-    return get_registry().weight_map_for(model.config, type(model))
+    return weight_map_for(model.config, type(model))
 
 
 def assert_same_training_step(

@@ -16,6 +16,7 @@ import torch
 from .compare import (
     LOGITS_ATOL,
     assert_logits_close,
+    assert_loss_equal,
     batch_of_two,
     checkpoint_weight_map,
     eval_mode,
@@ -153,19 +154,21 @@ def check_weight_map(config: Any, *, weight_map: Any = None, seed: int = 0) -> N
 
 
 def check_trains(model: Any, *, seq: int = 12) -> None:
-    """A forward with labels gives finite logits of ``(batch, seq, vocab_size)`` and a finite loss, and
-    backward reaches every parameter with finite gradients."""
+    """A training forward with labels asked for logits (``skip_logits=False``) gives finite logits of
+    ``(batch, seq, vocab_size)`` and a finite loss; by default (the loss taken chunk by chunk) the same
+    loss without logits, and backward reaches every parameter with finite gradients."""
     vocab = model.config.vocab_size
     batch = batch_of_two(seq, seed=0, vocab=vocab)
     was_training = model.training
     model.train()
     try:
         model.zero_grad(set_to_none=True)
-        out = model(**batch)
+        out = model(**batch, skip_logits=False)
         require(tuple(out.logits.shape) == (2, seq, vocab), f"logits shape {tuple(out.logits.shape)}")
         require(torch.isfinite(out.logits).all(), "non-finite logits")
         require(out.loss is not None and torch.isfinite(out.loss), f"loss {out.loss}")
-        _, grads = loss_and_grads(model, batch)
+        loss, grads = loss_and_grads(model, batch)
+        assert_loss_equal(loss, out.loss)
         for name, g in grads.items():
             require(torch.isfinite(g).all(), f"{name}: non-finite gradient")
     finally:

@@ -3,6 +3,7 @@
 from lmport import Architecture
 
 from .config import GPT2Config
+from .gguf import GPT2_GGUF
 from .model import GPT2LMHeadModel
 
 TINY_CONFIG = {
@@ -18,6 +19,6 @@ TINY_CONFIG = {
     "eos_token_id": 255,
 }
 
-plugin = Architecture("gpt2", GPT2Config, GPT2LMHeadModel, tiny_config=TINY_CONFIG)
+plugin = Architecture("gpt2", GPT2Config, GPT2LMHeadModel, tiny_config=TINY_CONFIG, gguf=(GPT2_GGUF,))
 
-__all__ = ["TINY_CONFIG", "GPT2Config", "GPT2LMHeadModel", "plugin"]
+__all__ = ["GPT2_GGUF", "TINY_CONFIG", "GPT2Config", "GPT2LMHeadModel", "plugin"]

@@ -3,6 +3,7 @@
 from lmport import Architecture
 
 from .config import LlamaConfig
+from .gguf import LLAMA_GGUF
 from .model import LlamaForCausalLM
 
 TINY_CONFIG = {
@@ -15,6 +16,6 @@ TINY_CONFIG = {
     "max_position_embeddings": 128,
 }
 
-plugin = Architecture("llama", LlamaConfig, LlamaForCausalLM, tiny_config=TINY_CONFIG)
+plugin = Architecture("llama", LlamaConfig, LlamaForCausalLM, tiny_config=TINY_CONFIG, gguf=(LLAMA_GGUF,))
 
-__all__ = ["TINY_CONFIG", "LlamaConfig", "LlamaForCausalLM", "plugin"]
+__all__ = ["LLAMA_GGUF", "TINY_CONFIG", "LlamaConfig", "LlamaForCausalLM", "plugin"]

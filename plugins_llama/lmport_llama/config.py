@@ -20,6 +20,7 @@ class LlamaConfig(RopeDecoderConfig):
     model_type: ClassVar[str] = "llama"
     hf_architecture: ClassVar[str] = "LlamaForCausalLM"
     field_checks = {"pretraining_tp": Size(MAX_HEADS)}
+    default_theta: ClassVar[float] = 10_000.0
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -3,6 +3,7 @@
 from lmport import Architecture
 
 from .config import MistralConfig
+from .gguf import MISTRAL_GGUF
 from .model import MistralForCausalLM
 
 TINY_CONFIG = {
@@ -16,6 +17,6 @@ TINY_CONFIG = {
     "sliding_window": 16,
 }
 
-plugin = Architecture("mistral", MistralConfig, MistralForCausalLM, tiny_config=TINY_CONFIG)
+plugin = Architecture("mistral", MistralConfig, MistralForCausalLM, tiny_config=TINY_CONFIG, gguf=(MISTRAL_GGUF,))
 
-__all__ = ["TINY_CONFIG", "MistralConfig", "MistralForCausalLM", "plugin"]
+__all__ = ["MISTRAL_GGUF", "TINY_CONFIG", "MistralConfig", "MistralForCausalLM", "plugin"]
