@@ -82,19 +82,17 @@ from .contract import (
     check_weight_map,
 )
 from .reference import (
-    assert_saved_like_transformers,
     check_bf16,
     check_fp32,
     check_generation,
-    check_save_round_trip,
     check_tied,
     load_pair,
     randomize_parameters,
     reference_available,
-    reference_config,
     require_reference,
     save_reference_checkpoint,
 )
+from .round_trip import assert_saved_like_transformers, check_save_round_trip, reference_config
 
 #: The attention kernels reference cases run by default.
 ATTENTION = ("eager", "sdpa")
