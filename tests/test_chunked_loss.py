@@ -154,7 +154,7 @@ def test_chunked_equals_transformers(checkpoints: dict[tuple[str, bool], Path], 
     assert_grads_match(checkpoint_weight_map(ours).to_checkpoint(grads), ref_grads)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_gradient_checkpointing(checkpoints: dict[tuple[str, bool], Path], arch: str) -> None:
     model = load(checkpoints[arch, True])
     model.gradient_checkpointing_enable()
@@ -162,11 +162,12 @@ def test_gradient_checkpointing(checkpoints: dict[tuple[str, bool], Path], arch:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_lora_on_the_head(checkpoints: dict[tuple[str, bool], Path], tied: bool) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_on_the_head(checkpoints: dict[tuple[str, bool], Path], arch: str, tied: bool) -> None:
     """peft wraps ``lm_head`` in its LoRA ``Linear``: the chunked path calls that module chunk by chunk."""
     from peft import LoraConfig, get_peft_model
 
-    model = load(checkpoints["llama", tied])
+    model = load(checkpoints[arch, tied])
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head", "v_proj"], init_lora_weights=False)
     peft_model = get_peft_model(model, config).train()
     assert type(model.lm_head).__name__ == "Linear" and type(model.lm_head) is not torch.nn.Linear
@@ -175,11 +176,12 @@ def test_lora_on_the_head(checkpoints: dict[tuple[str, bool], Path], tied: bool)
     assert len(head_grads) == 2  # lora_A and lora_B of the head were trained
 
 
-def test_fullgraph_compile(checkpoints: dict[tuple[str, bool], Path]) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fullgraph_compile(checkpoints: dict[tuple[str, bool], Path], arch: str) -> None:
     """One graph, no break, for padded and unpadded batches; loss and gradients match eager's plain path."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = load(checkpoints["mistral", False])
+    model = load(checkpoints[arch, False])
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     try:

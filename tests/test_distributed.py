@@ -5,7 +5,8 @@ The multi-process tests run ``tests/distributed_worker.py`` under ``python -m to
 model with a one-process lmport model of the same checkpoint: logits, and after one SGD step on the
 same global batch the loss and every updated weight. The launcher tests run
 ``examples/distributed_finetune.py`` under ``torchrun`` and ``accelerate launch``. The runs start
-together (most of their time is imports) and each test waits for the one it reads.
+together (most of their time is imports) and each test waits for the one it reads. The Trainer test runs
+``tests/distributed_trainer_worker.py`` (transformers' ``Trainer``) on a sharded and a one-process model.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lmport.errors import ArgumentError, DistributedError, UnsupportedFeatureErr
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 EXAMPLE = ROOT / "examples" / "distributed_finetune.py"
+TRAINER_WORKER = ROOT / "tests" / "distributed_trainer_worker.py"
 ACCELERATE_CONFIG = ROOT / "examples" / "distributed_fsdp2.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
        "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # fmt: skip
@@ -269,6 +271,35 @@ def test_both_launchers_train_alike(jobs: dict[str, Job]) -> None:
     runs = [json.loads([ln for ln in jobs[k].outputs()[0].splitlines() if ln.startswith('{"losses"')][-1])["losses"]
             for k in ("torchrun", "accelerate")]  # fmt: skip
     torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]), rtol=1e-5, atol=0)
+
+
+def test_trainer_on_a_sharded_model_trains_and_saves_like_one_process(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """transformers' Trainer, 2 steps on an FSDP2-sharded model (2 ranks) and on a one-process model with the
+    same global batches: the same logged losses and trained logits, and ``save_model`` writes a checkpoint
+    transformers loads to the sharded model's logits."""
+    import transformers
+
+    llama = str(checkpoints["llama"])
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    Job([torchrun(str(TRAINER_WORKER), llama, str(sharded), "--sharded"),
+         [sys.executable, str(TRAINER_WORKER), llama, str(single)]]).outputs()  # fmt: skip
+    runs = {run: json.loads((run / "losses.json").read_text()) for run in (sharded, single)}
+    assert runs[sharded]["model"].startswith("FSDP") and len(runs[sharded]["losses"]) == 2
+    losses = [torch.tensor(runs[run]["losses"], dtype=torch.float64) for run in (sharded, single)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=LOSS_TOL, atol=LOSS_TOL)  # the kit's loss tolerance
+    trained = torch.load(sharded / "logits.pt")
+    assert (trained - torch.load(single / "logits.pt")).abs().max().item() <= LOGITS_ATOL
+    saved = load_clean(transformers.AutoModelForCausalLM, sharded / "model", dtype=torch.float32)
+    original = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (4, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the worker's batch
+        logits, before = saved(ids).logits, original(ids).logits
+    assert (logits - trained).abs().max().item() <= LOGITS_ATOL
+    assert (before - trained).abs().max().item() > 1e-2  # training moved the model: the comparison has teeth
+    assert sorted(p.name for p in (sharded / "model").iterdir() if p.suffix in {".json", ".safetensors"}) == [
+        "config.json", "generation_config.json", "model.safetensors"]  # fmt: skip
 
 
 # --- 4 processes: 2 "nodes" x 2 on loopback ----------------------------------------------------

@@ -115,6 +115,7 @@ def shard_model(model: nn.Module, request: DistributedRequest, dtype: torch.dtyp
     model.distributed_config = mesh.layout.config
     model.device_mesh = mesh.mesh
     model.tp_size = mesh.layout.tp  # accelerate reads it (get_model_tp_size)
+    model.is_distributed_loading_by_transformers = True  # Trainer: no DDP wrap, no re-sharding
     return mesh
 
 
