@@ -307,20 +307,14 @@ class GGUFFile:
             done += n
 
     def close(self) -> None:
-        buf = getattr(self, "_buf", None)
-        if buf is not None:
-            try:
-                buf.release()
-            except BufferError:  # a numpy view still alive: the mapping goes with it
-                pass
-            self._buf = None  # type: ignore[assignment]
-        m = getattr(self, "_map", None)
-        if m is not None:
-            try:
-                m.close()
-            except BufferError:  # a numpy view still alive: the mapping goes with it
-                pass
-            self._map = None  # type: ignore[assignment]
+        for attr in ("_buf", "_map"):
+            held = getattr(self, attr, None)
+            if held is not None:
+                try:
+                    held.release() if attr == "_buf" else held.close()
+                except BufferError:  # a numpy view still alive: the mapping goes with it
+                    pass
+                setattr(self, attr, None)
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)

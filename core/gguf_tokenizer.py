@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import UnsupportedFeatureError
+from .generation_processors import bytes_to_unicode
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -47,19 +48,6 @@ PRE_TOKENIZER_SPLITS = {
 
 
 @functools.lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (the byte-level BPE alphabet)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _tokenizers() -> Any:
     try:
         import tokenizers
