@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from lmport.testing import folder_digest as tree_digest  # noqa: F401 - re-exported for the test modules
 from lmport.testing import randomize_parameters, save_reference_checkpoint  # noqa: F401
@@ -75,6 +76,18 @@ def save_hf_llama_random(
     """Like :func:`save_hf_llama`, but every parameter is random and large enough to matter
     (:func:`lmport.testing.randomize_parameters`), so parity checks have teeth."""
     return save_reference_checkpoint("llama", {**TINY_LLAMA, **overrides}, folder, seed=seed, dtype=dtype, std=std)
+
+
+#: Tiny configs for the bitsandbytes tests: its CPU 4-bit kernel repacks weights for AVX512-BF16 and
+#: needs in_features to be a multiple of the 64-weight block, so every projection is 64 or 128 wide.
+QUANT_LLAMA: dict[str, Any] = dict(intermediate_size=128, num_hidden_layers=2)
+QUANT_MISTRAL = transformers.MistralConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
+)  # fmt: skip
+QUANT_GPT2 = transformers.GPT2Config(
+    vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+)
 
 
 def save_hf(

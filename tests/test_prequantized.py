@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import save_hf, save_hf_llama_random, tree_digest
+from conftest import QUANT_GPT2, QUANT_LLAMA, QUANT_MISTRAL, save_hf, save_hf_llama_random, tree_digest
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,15 +45,7 @@ from lmport import errors
 
 IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(3))
 
-# bitsandbytes' CPU 4-bit kernel needs projection widths that are multiples of 64.
-LLAMA = dict(intermediate_size=128, num_hidden_layers=2)
-MISTRAL = transformers.MistralConfig(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
-)  # fmt: skip
-GPT2 = transformers.GPT2Config(
-    vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
-)
+LLAMA, MISTRAL, GPT2 = QUANT_LLAMA, QUANT_MISTRAL, QUANT_GPT2
 SETTINGS: dict[str, dict[str, Any]] = {
     "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
